@@ -1,0 +1,21 @@
+"""Dense backbones behind one registry, and the sliding-window teacher."""
+
+from . import maskclip, siglip2  # noqa: F401 - importing registers the families
+from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
+from .registry import backbone_entry, create_backbone, list_backbones, register_backbone
+from .teacher import SlidingWindowTeacher, WindowLayout
+from .weights import WeightLoadingError
+
+__all__ = [
+    "DenseBackbone",
+    "SlidingWindowTeacher",
+    "WeightLoadingError",
+    "WindowLayout",
+    "backbone_entry",
+    "check_images",
+    "create_backbone",
+    "list_backbones",
+    "pad_to_patch_multiple",
+    "register_backbone",
+    "resolve_trainable_blocks",
+]

@@ -1,0 +1,154 @@
+"""CLIP ViT used MaskCLIP-style: dense patch embeddings in the image-text space.
+
+The last block's attention is replaced by its value path (value projection, then output
+projection; no query-key mixing), keeping the block's residual connections and MLP; then
+``ln_post`` and ``proj`` map every patch token into the joint space and the class token is
+dropped. Position embeddings are resampled by scale factor (DINO convention).
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from .base import Tokenizer
+from .open_clip_common import OpenClipBackbone, create_open_clip_model
+from .pos_embed import resample_pos_embed_by_scale
+from .registry import register_backbone
+
+
+def value_path_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Attention with every token attending only to itself: out_proj(v_proj(x)).
+
+    Args:
+        attn: the block's ``nn.MultiheadAttention``.
+        x: (..., D) normalised tokens.
+    Returns:
+        (..., D), what the attention would return if each token's only key were itself.
+    """
+    dim = attn.embed_dim
+    if attn._qkv_same_embed_dim:
+        weight = attn.in_proj_weight[2 * dim :]
+    else:
+        weight = attn.v_proj_weight
+    bias = attn.in_proj_bias[2 * dim :] if attn.in_proj_bias is not None else None
+    return attn.out_proj(F.linear(x, weight, bias))
+
+
+def maskclip_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip residual block run with value-path attention; (B, N, D) -> (B, N, D)."""
+    x = x + block.ls_1(value_path_attention(block.attn, block.ln_1(x)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class MaskClipBackbone(OpenClipBackbone):
+    """open_clip ``CLIP`` with a ``VisionTransformer`` tower, dense features MaskCLIP-style."""
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        visual = model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise TypeError(f"MaskCLIP needs an open_clip VisionTransformer, got {type(visual)}")
+        last = visual.transformer.resblocks[-1]
+        if not isinstance(last, ResidualAttentionBlock):
+            raise TypeError(f"MaskCLIP needs ResidualAttentionBlock blocks, got {type(last)}")
+        super().__init__(
+            model,
+            embed_dim=visual.output_dim,
+            native_size=tuple(visual.image_size),
+            patch_size=visual.patch_size[0],
+            **kwargs,
+        )
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.visual.transformer.resblocks
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), H and W multiples of p -> (B, 1 + H/p * W/p, D) tokens after ``ln_pre``."""
+        visual = self.model.visual
+        x = visual.conv1(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        pos = visual.positional_embedding
+        grid_pos = resample_pos_embed_by_scale(pos[1:], visual.grid_size, grid)
+        pos = torch.cat([pos[:1], grid_pos]).to(x.dtype)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return visual.ln_pre(torch.cat([cls, x], dim=1) + pos)
+
+    def forward_padded(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), H and W multiples of p -> (B, C, H/p, W/p)."""
+        visual = self.model.visual
+        batch = images.shape[0]
+        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
+        x = self.embed_patches(images)
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        x = maskclip_block(self.blocks[-1], x)
+        x = visual.ln_post(x[:, 1:]) @ visual.proj
+        return x.transpose(1, 2).reshape(batch, -1, *grid)
+
+
+def _clip_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> MaskClipBackbone:
+    """Wrap a CLIP model; every CLIP here uses the (offline) ``ViT-B-16`` tokenizer."""
+    return MaskClipBackbone(
+        model,
+        mean=OPENAI_DATASET_MEAN,
+        std=OPENAI_DATASET_STD,
+        tokenizer=tokenizer,
+        tokenizer_name="ViT-B-16",
+    )
+
+
+@register_backbone(
+    "maskclip",
+    default_pretrained="laion2b_s34b_b88k",
+    description="OpenCLIP ViT-B/16, MaskCLIP-style dense features, window 224",
+)
+def maskclip(pretrained: str | None, tokenizer: Tokenizer | None = None) -> MaskClipBackbone:
+    return _clip_backbone(create_open_clip_model("ViT-B-16", pretrained), tokenizer)
+
+
+def tiny_clip_config(width: int = 64, depth: int = 4, embed_dim: int = 64) -> dict:
+    """open_clip ``CLIP`` kwargs: a tiny ViT/16 at 224 px, a small CLIP-tokenizer text tower."""
+    head_width = min(32, width)
+    return dict(
+        embed_dim=embed_dim,
+        vision_cfg=dict(
+            image_size=224, patch_size=16, width=width, layers=depth, head_width=head_width
+        ),
+        text_cfg=dict(
+            context_length=77, vocab_size=49408, width=width, heads=width // head_width, layers=2
+        ),
+    )
+
+
+@register_backbone(
+    "tiny",
+    default_pretrained=None,
+    description="tiny random CLIP ViT/16 on the MaskCLIP code path, for demos and tests",
+)
+def tiny(
+    pretrained: str | None,
+    tokenizer: Tokenizer | None = None,
+    width: int = 64,
+    depth: int = 4,
+    embed_dim: int = 64,
+    seed: int = 0,
+) -> MaskClipBackbone:
+    """Random weights drawn from ``seed``, so two calls give the same model."""
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.CLIP(**tiny_clip_config(width, depth, embed_dim))
+
+    return _clip_backbone(create_open_clip_model(None, pretrained, build=build), tokenizer)

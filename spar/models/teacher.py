@@ -1,0 +1,233 @@
+"""The sliding-window teacher: a frozen backbone run on native-size windows, stitched back.
+
+Layout. The image is first zero-padded to a multiple of the patch size p, exactly as the
+backbone pads it (so teacher and student maps have the same shape). Window origins along an axis
+are ``0, s, 2s, ...`` while the window still fits, plus one last window flush with the far
+border; every pixel is covered. Where the image is smaller than the window along an axis, the
+window shrinks to the image's extent along that axis (one window, run at that size), so an image
+no larger than the window gives exactly one forward pass.
+
+Stitching (the paper's teacher). Take the smallest r such that p is a multiple of r and the
+stride s a multiple of c = p / r. Each window's (h, w) map is upsampled bilinearly by r to cells
+of c pixels, added into a canvas of c-pixel cells at the window's offset, divided by the number
+of windows covering each cell, and resized bilinearly to the patch grid. For s a multiple of p,
+r = 1 and this is plain averaging on the patch grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import check_images, pad_to_patch_multiple
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+def window_offsets(length: int, window: int, stride: int) -> list[int]:
+    """Window origins along one axis: stride steps, the last one flush with the border."""
+    if length <= window:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    return [min(i * stride, length - window) for i in range(count)]
+
+
+def stitch_upsampling_factor(patch_size: int, stride: int) -> int:
+    """Smallest r with ``patch_size % r == 0`` and ``stride % (patch_size // r) == 0``."""
+    for r in range(1, patch_size + 1):
+        if patch_size % r == 0 and stride % (patch_size // r) == 0:
+            return r
+    raise AssertionError("r = patch_size always qualifies")
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Where the windows of one (padded) image size go.
+
+    Attributes:
+        image_size: (H, W) of the padded image, multiples of the patch size.
+        window: (h, w) of every window (the requested window, clipped to the image).
+        origins: (y, x) pixel origin of every window, row-major.
+        factor: (ry, rx) stitching upsampling factors; cells are ``patch // factor`` pixels.
+    """
+
+    image_size: tuple[int, int]
+    window: tuple[int, int]
+    origins: tuple[tuple[int, int], ...]
+    factor: tuple[int, int]
+    patch_size: int
+
+    @classmethod
+    def plan(
+        cls,
+        image_size: tuple[int, int],
+        window: tuple[int, int],
+        stride: tuple[int, int],
+        patch_size: int,
+    ) -> WindowLayout:
+        height, width = image_size
+        win = (min(window[0], height), min(window[1], width))
+        ys = window_offsets(height, win[0], stride[0])
+        xs = window_offsets(width, win[1], stride[1])
+        factor = tuple(stitch_upsampling_factor(patch_size, s) for s in stride)
+        return cls((height, width), win, tuple((y, x) for y in ys for x in xs), factor, patch_size)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        """(cy, cx) pixel size of a canvas cell."""
+        return (self.patch_size // self.factor[0], self.patch_size // self.factor[1])
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """(rows, cols) of the cell canvas."""
+        return (self.image_size[0] // self.cell[0], self.image_size[1] // self.cell[1])
+
+    @property
+    def window_cells(self) -> tuple[int, int]:
+        """(rows, cols) of one window's map after upsampling by the factor."""
+        return (self.window[0] // self.cell[0], self.window[1] // self.cell[1])
+
+    def cell_indices(self) -> torch.Tensor:
+        """(num_windows, rows * cols) flat canvas index of every cell of every window."""
+        rows, cols = self.window_cells
+        canvas_cols = self.canvas_size[1]
+        local = (torch.arange(rows)[:, None] * canvas_cols + torch.arange(cols)[None, :]).flatten()
+        origins = torch.tensor(self.origins)
+        starts = origins[:, 0] // self.cell[0] * canvas_cols + origins[:, 1] // self.cell[1]
+        return starts[:, None] + local[None, :]
+
+    def coverage(self) -> torch.Tensor:
+        """(rows, cols) number of windows covering every canvas cell."""
+        indices = self.cell_indices().flatten()
+        counts = torch.bincount(indices, minlength=self.canvas_size[0] * self.canvas_size[1])
+        return counts.view(self.canvas_size)
+
+
+class SlidingWindowTeacher(nn.Module):
+    """A backbone run as a sliding window and stitched into one map aligned with the image.
+
+    The teacher follows the backbone contract itself (``patch_size``, ``embed_dim``,
+    ``native_size``, ``mean``, ``std``, ``encode_text``), so it can stand in wherever a backbone
+    is used for dense features, e.g. in the segmenter.
+
+    Args:
+        backbone: any object with the dense-backbone contract (duck typing).
+        window: window size (int or (h, w)); defaults to ``backbone.native_size``. Must be a
+            multiple of the patch size.
+        stride: step between windows in pixels (int or (sy, sx)); need not be a multiple of the
+            patch size (24 by default).
+        batch_size: at most this many windows go through the backbone at once.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        window: int | tuple[int, int] | None = None,
+        stride: int | tuple[int, int] = 24,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = backbone.patch_size
+        self.window = _pair(backbone.native_size if window is None else window, "window")
+        self.stride = _pair(stride, "stride")
+        if any(w % self.patch_size for w in self.window):
+            raise ValueError(
+                f"window {self.window} must be a multiple of the patch size {self.patch_size}"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return self.backbone.native_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.backbone.std
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.encode_text(texts)
+
+    def layout(self, height: int, width: int) -> WindowLayout:
+        """The window layout for an (unpadded) image of ``height`` x ``width``."""
+        padded = (
+            math.ceil(height / self.patch_size) * self.patch_size,
+            math.ceil(width / self.patch_size) * self.patch_size,
+        )
+        return WindowLayout.plan(padded, self.window, self.stride, self.patch_size)
+
+    def num_windows(self, height: int, width: int) -> int:
+        """Windows the teacher runs for one image of ``height`` x ``width``."""
+        return len(self.layout(height, width).origins)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, ceil(H/p), ceil(W/p)) stitched, float32."""
+        check_images(images)
+        images = pad_to_patch_multiple(images, self.patch_size)
+        layout = WindowLayout.plan(
+            tuple(images.shape[-2:]), self.window, self.stride, self.patch_size
+        )
+        if len(layout.origins) == 1:
+            return self.backbone(images).float()
+        canvas = self._accumulate(images, layout)
+        counts = layout.coverage().to(canvas.device, canvas.dtype)
+        canvas = canvas / counts
+        grid = (layout.image_size[0] // self.patch_size, layout.image_size[1] // self.patch_size)
+        if tuple(canvas.shape[-2:]) != grid:
+            canvas = F.interpolate(canvas, size=grid, mode="bilinear", align_corners=False)
+        return canvas
+
+    def _accumulate(self, images: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """Sum of upsampled window maps on the cell canvas, (B, C, rows, cols) in float32."""
+        batch = images.shape[0]
+        rows, cols = layout.canvas_size
+        cells_per_image = rows * cols
+        window_indices = layout.cell_indices().to(images.device)
+        jobs = [(b, w) for b in range(batch) for w in range(len(layout.origins))]
+        canvas = None
+        wh, ww = layout.window
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start : start + self.batch_size]
+            crops = torch.stack(
+                [
+                    images[b, :, y : y + wh, x : x + ww]
+                    for b, w in chunk
+                    for y, x in [layout.origins[w]]
+                ]
+            )
+            features = self.backbone(crops).float()
+            if layout.factor != (1, 1):
+                features = F.interpolate(
+                    features, size=layout.window_cells, mode="bilinear", align_corners=False
+                )
+            if canvas is None:
+                canvas = features.new_zeros(batch * cells_per_image, features.shape[1])
+            targets = torch.stack(
+                [window_indices[w] + b * cells_per_image for b, w in chunk]
+            ).flatten()
+            canvas.index_add_(
+                0, targets, features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+            )
+        return canvas.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
