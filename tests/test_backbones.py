@@ -1,0 +1,292 @@
+"""Backbones: registry, shapes at any resolution, reference paths, weights, trainable blocks."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+
+from spar.models import (
+    WeightLoadingError,
+    create_backbone,
+    list_backbones,
+    resolve_trainable_blocks,
+)
+from spar.models.maskclip import maskclip_block
+from spar.models.pos_embed import resample_pos_embed_by_scale, resample_pos_embed_to_size
+from spar.models.siglip2 import map_value_path
+
+TINY_NAMES = ["tiny", "siglip2-tiny"]
+SIZES = [(224, 224), (64, 96), (320, 176), (100, 150), (33, 17)]
+
+
+@pytest.fixture
+def backbones(tiny_backbone, tiny_siglip2):
+    return {"tiny": tiny_backbone, "siglip2-tiny": tiny_siglip2}
+
+
+def test_registry_lists_the_families():
+    assert {"maskclip", "siglip2", "tiny", "siglip2-tiny"} <= set(list_backbones())
+
+
+def test_unknown_backbone_names_the_known_ones():
+    with pytest.raises(KeyError, match="maskclip.*siglip2"):
+        create_backbone("resnet50")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="colour"):
+        create_backbone("tiny", colour="red")
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_contract_attributes(backbones, name):
+    backbone = backbones[name]
+    assert backbone.patch_size == 16
+    assert backbone.embed_dim == 64
+    assert len(backbone.mean) == 3 and len(backbone.std) == 3
+    assert backbone.native_size == ((224, 224) if name == "tiny" else (128, 128))
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize("size", SIZES)
+def test_any_resolution_gives_the_patch_grid(backbones, name, size):
+    backbone = backbones[name]
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        features = backbone(images)
+    assert features.shape == (2, 64, math.ceil(size[0] / 16), math.ceil(size[1] / 16))
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_sizes_off_the_patch_multiple_are_zero_padded(backbones, name):
+    backbone = backbones[name]
+    images = torch.randn(1, 3, 100, 150)
+    padded = F.pad(images, (0, 10, 0, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), backbone(padded), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_encode_text_shape(backbones, name):
+    embeddings = backbones[name].encode_text(["a photo of a cat", "sky", "road"])
+    assert embeddings.shape == (3, 64)
+    with pytest.raises(ValueError, match="at least one"):
+        backbones[name].encode_text([])
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.randn(3, 64, 64),
+        torch.randn(1, 4, 64, 64),
+        torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
+    ],
+)
+def test_bad_images_are_rejected(backbones, name, bad):
+    with pytest.raises(ValueError, match="images"):
+        backbones[name](bad)
+
+
+def _maskclip_reference(model, images):
+    """MaskCLIP features built from open_clip's own token path up to the last block."""
+    visual = model.visual
+    depth = len(visual.transformer.resblocks)
+    out = visual.forward_intermediates(
+        images,
+        indices=[depth - 2],
+        output_fmt="NLC",
+        intermediates_only=True,
+        output_extra_tokens=True,
+    )
+    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], 1)
+    x = maskclip_block(visual.transformer.resblocks[-1], tokens)
+    x = visual.ln_post(x[:, 1:]) @ visual.proj
+    grid = (images.shape[2] // 16, images.shape[3] // 16)
+    return x.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+
+
+def test_maskclip_at_native_size_follows_open_clip_tokens(tiny_backbone):
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = _maskclip_reference(tiny_backbone.model, images)
+        torch.testing.assert_close(tiny_backbone(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_maskclip_off_native_size_uses_dino_scale_factor_resampling(tiny_backbone):
+    """open_clip run with its position table replaced by the DINO-convention resampling."""
+    model = copy.deepcopy(tiny_backbone.model)
+    pos = model.visual.positional_embedding.data
+    source, target = (14, 14), (20, 11)
+    scale = ((20 + 0.1) / 14, (11 + 0.1) / 14)
+    grid = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    assert grid.shape[-2:] == target
+    model.visual.positional_embedding.data = torch.cat([pos[:1], grid.flatten(2)[0].T])
+    images = torch.randn(1, 3, 320, 176)
+    with torch.no_grad():
+        expected = _maskclip_reference(model, images)
+        torch.testing.assert_close(tiny_backbone(images), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(
+        resample_pos_embed_by_scale(pos[1:], source, target),
+        resample_pos_embed_to_size(pos[1:], source, target),
+    ), "the scale-factor convention must differ from resampling to a size"
+
+
+def test_maskclip_value_path_is_attention_with_a_single_key(tiny_backbone):
+    block = tiny_backbone.blocks[-1]
+    tokens = torch.randn(5, 1, tiny_backbone.model.visual.transformer.width)
+    with torch.no_grad():
+        torch.testing.assert_close(maskclip_block(block, tokens), block(tokens))
+
+
+def test_siglip2_at_native_size_follows_timm_trunk(tiny_siglip2):
+    trunk = tiny_siglip2.trunk
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        tokens = trunk.forward_features(images)
+        expected = map_value_path(trunk.attn_pool, tokens).transpose(1, 2).reshape(2, -1, 8, 8)
+        torch.testing.assert_close(tiny_siglip2(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_siglip2_value_path_is_the_pool_with_a_single_key(tiny_siglip2):
+    pool = tiny_siglip2.trunk.attn_pool
+    tokens = torch.randn(3, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(map_value_path(pool, tokens), pool(tokens)[:, None])
+
+
+def test_siglip2_resamples_to_size_without_antialiasing(tiny_siglip2):
+    pos = tiny_siglip2.trunk.pos_embed.data
+    ours = resample_pos_embed_to_size(pos[0], (8, 8), (5, 13))
+    timm_no_aa = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=False)
+    timm_aa = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=True)
+    torch.testing.assert_close(ours, timm_no_aa[0])
+    assert not torch.allclose(ours, timm_aa[0])
+
+
+def test_native_grid_keeps_the_pretrained_embedding_unchanged():
+    table = torch.randn(196, 8)
+    assert resample_pos_embed_by_scale(table, (14, 14), (14, 14)) is table
+    assert resample_pos_embed_to_size(table, (14, 14), (14, 14)) is table
+
+
+@pytest.mark.parametrize(("name", "native", "dim"), [("maskclip", 224, 512), ("siglip2", 512, 768)])
+def test_real_architectures_build_and_run(name, native, dim):
+    backbone = create_backbone(name, pretrained=None)
+    assert backbone.native_size == (native, native)
+    assert backbone.embed_dim == dim
+    with torch.no_grad():
+        assert backbone(torch.randn(1, 3, 240, 320)).shape == (1, dim, 15, 20)
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+def _outputs(backbone):
+    with torch.no_grad():
+        return backbone(torch.ones(1, 3, 64, 80) * 0.3), backbone.encode_text(["a cat"])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pretrained_from_a_local_file(tmp_path, tiny_backbone, suffix):
+    state = tiny_backbone.model.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    loaded = create_backbone("tiny", pretrained=str(path), seed=123)
+    fresh = create_backbone("tiny", pretrained=None, seed=123)
+    for got, want in zip(_outputs(loaded), _outputs(tiny_backbone), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(_outputs(fresh)[0], _outputs(tiny_backbone)[0])
+
+
+def test_missing_weight_file_is_named(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(WeightLoadingError, match="nope.safetensors"):
+        create_backbone("tiny", pretrained=str(missing))
+
+
+def test_weight_keys_that_do_not_fit_are_named(tmp_path, tiny_backbone):
+    state = dict(tiny_backbone.model.state_dict())
+    state.pop("visual.proj")
+    state["visual.extra_head.weight"] = torch.zeros(2)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightLoadingError, match=r"missing keys: visual\.proj") as error:
+        create_backbone("tiny", pretrained=str(path))
+    assert "visual.extra_head.weight" in str(error.value)
+
+
+def test_weight_shapes_that_do_not_fit_are_named(tmp_path):
+    wide = create_backbone("tiny", width=96)
+    path = tmp_path / "wide.pt"
+    torch.save(wide.model.state_dict(), path)
+    expected = (
+        r"shape mismatches: .*token_embedding\.weight: file \(49408, 96\) vs model \(49408, 64\)"
+    )
+    with pytest.raises(WeightLoadingError, match=expected):
+        create_backbone("tiny", pretrained=str(path))
+
+
+def test_unreadable_weight_file_is_named(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightLoadingError, match="garbage.pt"):
+        create_backbone("tiny", pretrained=str(path))
+
+
+def test_unknown_pretrained_tag_lists_the_known_tags():
+    with pytest.raises(ValueError, match="laion2b_s34b_b88k"):
+        create_backbone("maskclip", pretrained="imagenet-best")
+
+
+# --- trainable blocks -------------------------------------------------------------------------
+
+
+def _block_params(backbone, indices):
+    return sum(p.numel() for i in indices for p in backbone.blocks[i].parameters())
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize(
+    ("spec", "indices"),
+    [
+        ("last-2", [2, 3]),
+        ("last-1", [3]),
+        (3, [1, 2, 3]),
+        ("all", [0, 1, 2, 3]),
+        ([0, -1], [0, 3]),
+        ("none", []),
+    ],
+)
+def test_trainable_blocks_counted(name, spec, indices):
+    backbone = create_backbone(name, trainable_blocks=spec)
+    assert backbone.num_trainable_parameters() == _block_params(backbone, indices)
+    trainable = {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable <= {"model"}
+
+
+def test_default_trains_the_last_two_blocks(tiny_backbone):
+    assert tiny_backbone.num_trainable_parameters() == _block_params(tiny_backbone, [2, 3])
+    assert all(not p.requires_grad for p in tiny_backbone.model.transformer.parameters())
+
+
+@pytest.mark.parametrize("spec", ["last-5", "first-2", [4], [-5], "lastN", True])
+def test_bad_trainable_specs_are_rejected(spec):
+    with pytest.raises(ValueError):
+        resolve_trainable_blocks(spec, depth=4)
+
+
+def test_trained_blocks_receive_gradients():
+    backbone = create_backbone("tiny", trainable_blocks="last-1")
+    backbone(torch.randn(1, 3, 64, 64)).square().mean().backward()
+    grads = {n for n, p in backbone.named_parameters() if p.grad is not None}
+    assert grads and all(".resblocks.3." in n for n in grads)
