@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import to_model_input
+
 Tokenizer = Callable[[list[str]], torch.Tensor]
 TrainableBlocks = str | int | Sequence[int]
 
@@ -136,10 +138,8 @@ class DenseBackbone(nn.Module):
         return next(self.parameters()).device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> normalised with this backbone's mean and std."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        return (images - mean) / std
+        """(3, H, W) or (B, 3, H, W) in [0, 1] -> (B, 3, H, W) normalised for this backbone."""
+        return to_model_input(images, self.mean, self.std)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """Feature-map size (rows, cols) for an image of ``height`` x ``width``."""

@@ -1,0 +1,123 @@
+"""Pictures: class palettes, segmentation overlays with a legend, PCA views of dense features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 distinct colours; class 0 is black, then the bit-interleaved
+    sequence used by Pascal VOC (so VOC masks look familiar)."""
+    colours = np.zeros((num_classes, 3), dtype=np.uint8)
+    for index in range(num_classes):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            shift -= 1
+    return colours
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> RGB PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def overlay(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    class_names: Sequence[str],
+    alpha: float = 0.55,
+) -> Image.Image:
+    """Blend a class mask over an image and append a legend of the classes present.
+
+    Args:
+        image: (3, H, W) float in [0, 1].
+        mask: (H, W) integer class indices into ``class_names``.
+        class_names: one display name per class.
+        alpha: weight of the mask colours.
+    """
+    if tuple(mask.shape) != tuple(image.shape[-2:]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from image {tuple(image.shape)}")
+    colours = palette(max(len(class_names), 1))
+    mask_np = mask.detach().cpu().numpy().astype(np.int64)
+    base = np.asarray(to_pil(image), dtype=np.float32)
+    blended = (1 - alpha) * base + alpha * colours[mask_np].astype(np.float32)
+    picture = Image.fromarray(blended.round().astype(np.uint8))
+    present = [int(c) for c in np.unique(mask_np)]
+    return _with_legend(picture, [(class_names[c], tuple(colours[c])) for c in present])
+
+
+def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
+    font = ImageFont.load_default()
+    row = 16
+    legend_width = 12 + max((int(font.getlength(name)) for name, _ in entries), default=0) + 24
+    height = max(picture.height, row * len(entries) + 8)
+    canvas = Image.new("RGB", (picture.width + legend_width, height), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, (name, colour) in enumerate(entries):
+        top = 4 + index * row
+        left = picture.width + 6
+        draw.rectangle([left, top, left + 12, top + 12], fill=colour, outline="black")
+        draw.text((left + 18, top), name, fill="black", font=font)
+    return canvas
+
+
+def pca_rgb(
+    feature_maps: Sequence[torch.Tensor], size: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """First three principal components of dense features as RGB, one basis for all maps.
+
+    Fitting one basis on all maps together makes, e.g., teacher and student pictures directly
+    comparable: the same colour means the same direction in feature space.
+
+    Args:
+        feature_maps: tensors of shape (C, h_i, w_i).
+        size: optional (H, W) to upsample every picture to (nearest, so patches stay visible).
+    Returns:
+        (3, h_i, w_i) (or (3, H, W)) float tensors in [0, 1].
+    """
+    flat = [f.detach().float().flatten(1).T for f in feature_maps]
+    samples = torch.cat(flat)
+    samples = F.normalize(samples, dim=1)
+    center = samples.mean(0, keepdim=True)
+    _, _, basis = torch.linalg.svd(samples - center, full_matrices=False)
+    components = (samples - center) @ basis[:3].T
+    low = torch.quantile(components, 0.01, dim=0)
+    high = torch.quantile(components, 0.99, dim=0)
+    scaled = ((components - low) / (high - low).clamp_min(1e-8)).clamp(0, 1)
+    pictures, start = [], 0
+    for feature in feature_maps:
+        count = feature.shape[1] * feature.shape[2]
+        rgb = scaled[start : start + count].T.reshape(3, *feature.shape[1:])
+        if size is not None:
+            rgb = F.interpolate(rgb[None], size=size, mode="nearest")[0]
+        pictures.append(rgb)
+        start += count
+    return pictures
+
+
+def side_by_side(
+    pictures: Sequence[Image.Image], titles: Sequence[str], gap: int = 8
+) -> Image.Image:
+    """Place pictures left to right with a title above each."""
+    font = ImageFont.load_default()
+    title_height = 18
+    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
+    height = max(p.height for p in pictures) + title_height
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for picture, title in zip(pictures, titles, strict=True):
+        draw.text((left + 2, 2), title, fill="black", font=font)
+        canvas.paste(picture, (left, title_height))
+        left += picture.width + gap
+    return canvas
