@@ -1,0 +1,75 @@
+"""Entry points and configs: the demo end to end, backbone configs valid."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import yaml
+
+from spar.data import list_images
+from spar.demo import SAMPLE_IMAGES, compare_teacher_student
+from spar.models import backbone_entry, create_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "backbone").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_backbone_configs_name_registered_backbones(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["name"] == path.stem
+    entry = backbone_entry(config["name"])
+    assert config["pretrained"] == entry.default_pretrained
+    if config["pretrained"] is not None and entry.name in ("maskclip", "siglip2"):
+        model = {"maskclip": "ViT-B-16", "siglip2": "ViT-B-16-SigLIP2-512"}[entry.name]
+        assert config["pretrained"] in open_clip.list_pretrained_tags_by_model(model)
+
+
+def test_bundled_samples_are_images_with_licences():
+    paths = list_images(SAMPLE_IMAGES)
+    assert len(paths) >= 4
+    licences = (SAMPLE_IMAGES / "LICENSES.md").read_text()
+    assert all(p.name in licences for p in paths)
+
+
+def test_compare_teacher_student_writes_pictures_and_summary(tmp_path, tiny_backbone):
+    paths = list_images(SAMPLE_IMAGES)[:2]
+    summary = compare_teacher_student(
+        tiny_backbone, paths, ["sky", "cat, kitten"], tmp_path, stride=48, bounds=(160, 128)
+    )
+    assert len(summary["images"]) == 2
+    for path, row in zip(paths, summary["images"], strict=True):
+        assert (tmp_path / f"{path.stem}_features.png").is_file()
+        assert (tmp_path / f"{path.stem}_segmentation.png").is_file()
+        assert 0 < row["cosine"] <= 1 and row["mse"] >= 0 and row["windows"] >= 1
+    assert json.loads((tmp_path / "demo_summary.json").read_text()) == summary
+
+
+def test_demo_script_runs_with_hydra_overrides(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "rocket.jpg").write_bytes((SAMPLE_IMAGES / "rocket.jpg").read_bytes())
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "demo.py"),
+        f"images={images}",
+        "teacher.stride=64",
+        "bounds=[128,96]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mean cosine" in result.stdout
+    summary = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
+    assert summary["stride"] == 64 and len(summary["images"]) == 1
+    assert (tmp_path / "run" / "rocket_segmentation.png").is_file()
+
+
+def test_backbone_config_creates_the_tiny_backbone():
+    config = yaml.safe_load((ROOT / "configs" / "backbone" / "tiny.yaml").read_text())
+    backbone = create_backbone(**config)
+    assert backbone.num_trainable_parameters() > 0
