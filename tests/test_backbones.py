@@ -176,13 +176,24 @@ def test_native_grid_keeps_the_pretrained_embedding_unchanged():
     assert resample_pos_embed_to_size(table, (14, 14), (14, 14)) is table
 
 
-@pytest.mark.parametrize(("name", "native", "dim"), [("maskclip", 224, 512), ("siglip2", 512, 768)])
-def test_real_architectures_build_and_run(name, native, dim):
-    backbone = create_backbone(name, pretrained=None)
+@pytest.mark.parametrize(
+    ("name", "native", "dim", "context"), [("maskclip", 224, 512, 77), ("siglip2", 512, 768, 64)]
+)
+def test_real_architectures_build_and_run(name, native, dim, context):
+    """The real configurations, randomly initialised, with an injected offline tokenizer."""
+    seen = []
+
+    def tokenizer(texts):
+        seen.extend(texts)
+        return torch.randint(1, 1000, (len(texts), context))
+
+    backbone = create_backbone(name, pretrained=None, tokenizer=tokenizer)
     assert backbone.native_size == (native, native)
     assert backbone.embed_dim == dim
     with torch.no_grad():
         assert backbone(torch.randn(1, 3, 240, 320)).shape == (1, dim, 15, 20)
+        assert backbone.encode_text(["a cat", "a dog"]).shape == (2, dim)
+    assert seen == ["a cat", "a dog"]
 
 
 # --- weights ----------------------------------------------------------------------------------
