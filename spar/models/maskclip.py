@@ -16,7 +16,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from .base import Tokenizer
-from .open_clip_common import OpenClipBackbone, create_open_clip_model
+from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
 from .pos_embed import resample_pos_embed_by_scale
 from .registry import register_backbone
 
@@ -145,10 +145,5 @@ def tiny(
     seed: int = 0,
 ) -> MaskClipBackbone:
     """Random weights drawn from ``seed``, so two calls give the same model."""
-
-    def build() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return open_clip.CLIP(**tiny_clip_config(width, depth, embed_dim))
-
+    build = seeded(lambda: open_clip.CLIP(**tiny_clip_config(width, depth, embed_dim)), seed)
     return _clip_backbone(create_open_clip_model(None, pretrained, build=build), tokenizer)

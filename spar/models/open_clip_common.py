@@ -55,6 +55,17 @@ def create_open_clip_model(
     return open_clip.create_model(model_name, pretrained=pretrained)
 
 
+def seeded(build: Callable[..., nn.Module], seed: int, *args) -> Callable[[], nn.Module]:
+    """A builder calling ``build(*args)`` with the RNG seeded, leaving the global RNG untouched."""
+
+    def build_seeded() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build(*args)
+
+    return build_seeded
+
+
 def load_weights_file(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an open_clip state dict from ``path`` into ``model`` strictly and return it."""
     load_state_dict_strict(model, read_state_dict(path), source=str(path))

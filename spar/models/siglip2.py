@@ -16,7 +16,7 @@ from timm.layers import AttentionPoolLatent
 from torch import nn
 
 from .base import Tokenizer
-from .open_clip_common import OpenClipBackbone, create_open_clip_model
+from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
 from .pos_embed import resample_pos_embed_to_size
 from .registry import register_backbone
 
@@ -158,12 +158,7 @@ def siglip2_tiny(
     seed: int = 0,
 ) -> SigLIP2Backbone:
     """Random weights drawn from ``seed``; the CLIP tokenizer (offline) unless one is given."""
-
-    def build() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_tiny_siglip2(width, depth, image_size)
-
+    build = seeded(build_tiny_siglip2, seed, width, depth, image_size)
     if tokenizer is None:
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=64)
     return _siglip2_backbone(create_open_clip_model(None, pretrained, build=build), tokenizer)
