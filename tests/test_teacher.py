@@ -85,8 +85,9 @@ def test_teacher_map_has_the_student_shape(patch_average_backbone, stride, size)
 
 
 @pytest.mark.parametrize("stride", [16, 32, 48])
-def test_local_backbone_with_patch_multiple_stride_is_exact(patch_average_backbone, stride):
-    images = dyadic_image(160, 208)
+@pytest.mark.parametrize("size", [(160, 208), (100, 150)])
+def test_local_backbone_with_patch_multiple_stride_is_exact(patch_average_backbone, stride, size):
+    images = dyadic_image(*size)
     teacher = SlidingWindowTeacher(patch_average_backbone, stride=stride)
     assert torch.equal(teacher(images), patch_average_backbone(images))
 
@@ -110,12 +111,14 @@ def test_window_covering_the_image_is_one_forward_pass(tiny_backbone, size, wind
         assert torch.equal(teacher(images), tiny_backbone(images))
 
 
+@pytest.mark.parametrize("name", ["tiny_backbone", "tiny_siglip2"])
 @pytest.mark.parametrize("stride", [24, 32, 40])
-def test_vectorised_stitching_matches_the_plain_reference(tiny_backbone, stride):
+def test_vectorised_stitching_matches_the_plain_reference(request, name, stride):
+    backbone = request.getfixturevalue(name)
     images = torch.randn(1, 3, 150, 200)
-    teacher = SlidingWindowTeacher(tiny_backbone, window=96, stride=stride, batch_size=4)
+    teacher = SlidingWindowTeacher(backbone, window=96, stride=stride, batch_size=4)
     with torch.no_grad():
-        expected = reference_stitch(tiny_backbone, images, 96, stride)
+        expected = reference_stitch(backbone, images, 96, stride)
         torch.testing.assert_close(teacher(images), expected, rtol=1e-5, atol=1e-5)
 
 
