@@ -185,10 +185,8 @@ class SlidingWindowTeacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, C, ceil(H/p), ceil(W/p)) stitched, float32."""
         check_images(images)
+        layout = self.layout(*images.shape[-2:])
         images = pad_to_patch_multiple(images, self.patch_size)
-        layout = WindowLayout.plan(
-            tuple(images.shape[-2:]), self.window, self.stride, self.patch_size
-        )
         if len(layout.origins) == 1:
             return self.backbone(images).float()
         canvas = self._accumulate(images, layout)
@@ -205,18 +203,12 @@ class SlidingWindowTeacher(nn.Module):
         rows, cols = layout.canvas_size
         cells_per_image = rows * cols
         window_indices = layout.cell_indices().to(images.device)
-        jobs = [(b, w) for b in range(batch) for w in range(len(layout.origins))]
+        jobs = [(b, w, *origin) for b in range(batch) for w, origin in enumerate(layout.origins)]
         canvas = None
         wh, ww = layout.window
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start : start + self.batch_size]
-            crops = torch.stack(
-                [
-                    images[b, :, y : y + wh, x : x + ww]
-                    for b, w in chunk
-                    for y, x in [layout.origins[w]]
-                ]
-            )
+            crops = torch.stack([images[b, :, y : y + wh, x : x + ww] for b, _, y, x in chunk])
             features = self.backbone(crops).float()
             if layout.factor != (1, 1):
                 features = F.interpolate(
@@ -224,10 +216,7 @@ class SlidingWindowTeacher(nn.Module):
                 )
             if canvas is None:
                 canvas = features.new_zeros(batch * cells_per_image, features.shape[1])
-            targets = torch.stack(
-                [window_indices[w] + b * cells_per_image for b, w in chunk]
-            ).flatten()
-            canvas.index_add_(
-                0, targets, features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-            )
+            targets = torch.stack([window_indices[w] + b * cells_per_image for b, w, _, _ in chunk])
+            flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+            canvas.index_add_(0, targets.flatten(), flat)
         return canvas.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
