@@ -16,20 +16,31 @@ import torch.nn.functional as F
 DINO_SCALE_OFFSET = 0.1
 
 
-def _to_image_layout(grid_tokens: torch.Tensor, source_grid: tuple[int, int]) -> torch.Tensor:
-    """(N, C) with N = gh * gw -> (1, C, gh, gw) in float32."""
+def _resample_bicubic(
+    grid_tokens: torch.Tensor,
+    source_grid: tuple[int, int],
+    target_grid: tuple[int, int],
+    **interpolate_kwargs,
+) -> torch.Tensor:
+    """(gh * gw, C) -> (th * tw, C), bicubic without antialiasing; unchanged if the grids match.
+
+    ``interpolate_kwargs`` carries either ``size`` or ``scale_factor`` to ``F.interpolate``.
+    """
+    if tuple(target_grid) == tuple(source_grid):
+        return grid_tokens
     gh, gw = source_grid
     if grid_tokens.shape[0] != gh * gw:
         raise ValueError(
             f"position embedding has {grid_tokens.shape[0]} grid tokens, "
             f"expected {gh}x{gw}={gh * gw}"
         )
-    return grid_tokens.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-
-
-def _to_token_layout(grid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(1, C, gh, gw) -> (gh * gw, C)."""
-    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(dtype)
+    grid = grid_tokens.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid, mode="bicubic", align_corners=False, antialias=False, **interpolate_kwargs
+    )
+    if tuple(grid.shape[-2:]) != tuple(target_grid):
+        raise RuntimeError(f"resampling gave a {tuple(grid.shape[-2:])} grid, not {target_grid}")
+    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(grid_tokens.dtype)
 
 
 def resample_pos_embed_by_scale(
@@ -48,36 +59,14 @@ def resample_pos_embed_by_scale(
     Returns:
         (th * tw, C) embeddings.
     """
-    if tuple(target_grid) == tuple(source_grid):
-        return grid_tokens
-    grid = _to_image_layout(grid_tokens, source_grid)
     scale = tuple(
         (t + DINO_SCALE_OFFSET) / s for t, s in zip(target_grid, source_grid, strict=True)
     )
-    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
-    if tuple(grid.shape[-2:]) != tuple(target_grid):
-        raise RuntimeError(
-            f"scale-factor resampling gave {tuple(grid.shape[-2:])}, not {target_grid}"
-        )
-    return _to_token_layout(grid, grid_tokens.dtype)
+    return _resample_bicubic(grid_tokens, source_grid, target_grid, scale_factor=scale)
 
 
 def resample_pos_embed_to_size(
     grid_tokens: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]
 ) -> torch.Tensor:
-    """Resample to an explicit target size (SigLIP2 convention), bicubic, no antialiasing.
-
-    Args:
-        grid_tokens: (gh * gw, C) position embeddings of the patch grid.
-        source_grid: (gh, gw) of ``grid_tokens``.
-        target_grid: (th, tw) wanted.
-    Returns:
-        (th * tw, C) embeddings.
-    """
-    if tuple(target_grid) == tuple(source_grid):
-        return grid_tokens
-    grid = _to_image_layout(grid_tokens, source_grid)
-    grid = F.interpolate(
-        grid, size=tuple(target_grid), mode="bicubic", align_corners=False, antialias=False
-    )
-    return _to_token_layout(grid, grid_tokens.dtype)
+    """Resample to an explicit target size (SigLIP2 convention); shapes as above."""
+    return _resample_bicubic(grid_tokens, source_grid, target_grid, size=tuple(target_grid))
