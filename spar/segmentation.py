@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from .models.base import check_images
 
 Template = Callable[[str], str]
 ClassEntry = str | Sequence[str]
+TextEncoder = Callable[[list[str]], torch.Tensor]
+DenseFeatures = Callable[[torch.Tensor], torch.Tensor]
 
 # The 80 ImageNet prompt templates of CLIP, as open_clip ships them (callables name -> prompt).
 PROMPT_TEMPLATES: tuple[Template, ...] = tuple(OPENAI_IMAGENET_TEMPLATES)
@@ -23,7 +27,11 @@ def parse_classes(classes: Sequence[ClassEntry]) -> list[list[str]]:
     """Normalise a class list to synonym lists.
 
     Each entry is a name, a comma-separated string of synonyms (``"person, pedestrian"``) or a
-    sequence of synonyms. Returns one list of stripped, non-empty names per class.
+    sequence of synonyms (``["tv", "monitor"]``). Returns one list of stripped, non-empty names
+    per class, in order.
+
+    Raises:
+        ValueError: the list is empty, is a single string, or a class has no name.
     """
     if isinstance(classes, str):
         raise ValueError(f"classes must be a list of class entries, not the string {classes!r}")
@@ -40,65 +48,115 @@ def parse_classes(classes: Sequence[ClassEntry]) -> list[list[str]]:
 
 
 def load_class_names(path: str | Path) -> list[list[str]]:
-    """Read a class-name file: one class per line, comma-separated synonyms, blank lines skipped."""
+    """Read a class-name file: one class per line, comma-separated synonyms, blank lines skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no class, or a line holds no name (e.g. ``" , "``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class-name file not found: {path}")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"class-name file {path} holds no class names")
-    return parse_classes(lines)
+    try:
+        return parse_classes(lines)
+    except ValueError as error:
+        raise ValueError(f"class-name file {path}: {error}") from error
+
+
+def _encode_prompts(encode_text: TextEncoder, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """(P,) prompts -> (P, C) float32 unit-norm embeddings, ``batch_size`` prompts per call."""
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        encoded = encode_text(batch)
+        if encoded.ndim != 2 or encoded.shape[0] != len(batch):
+            raise ValueError(
+                f"encode_text must map {len(batch)} prompts to a ({len(batch)}, C) tensor, "
+                f"got shape {tuple(encoded.shape)}"
+            )
+        chunks.append(F.normalize(encoded.float(), dim=-1))
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
 def build_text_classifier(
-    encode_text: Callable[[list[str]], torch.Tensor],
+    encode_text: TextEncoder,
     classes: Sequence[ClassEntry],
     templates: Sequence[Template] = PROMPT_TEMPLATES,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-ensemble text embeddings of every name of every class.
 
-    For each name, all templates are encoded, each embedding L2-normalised, averaged over the
-    templates, and the average renormalised.
+    For each name, every template is formatted with it and encoded by ``encode_text``
+    (``list[str] -> (n, C)``); each embedding is L2-normalised, the embeddings are averaged over
+    the templates, and the average is renormalised.
 
     Returns:
-        embeddings: (N_names, C) float32, unit norm.
+        embeddings: (N_names, C) float32, unit norm; names in class order, synonyms adjacent.
         name_to_class: (N_names,) long, the class index of every name.
     """
     if not templates:
         raise ValueError("at least one prompt template is needed")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     synonyms = parse_classes(classes)
     names = [name for group in synonyms for name in group]
     name_to_class = torch.tensor([i for i, group in enumerate(synonyms) for _ in group])
     prompts = [template(name) for name in names for template in templates]
-    chunks = [
-        F.normalize(encode_text(prompts[start : start + batch_size]).float(), dim=-1)
-        for start in range(0, len(prompts), batch_size)
-    ]
-    per_prompt = torch.cat(chunks).view(len(names), len(templates), -1)
-    return F.normalize(per_prompt.mean(1), dim=-1), name_to_class
+    per_prompt = _encode_prompts(encode_text, prompts, batch_size)
+    per_name = per_prompt.view(len(names), len(templates), -1).mean(dim=1)
+    return F.normalize(per_name, dim=-1), name_to_class
+
+
+def _check_fraction(value: float | None, name: str) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be None or in [0, 1], got {value}")
+
+
+def _resolve_size(images: torch.Tensor, output_size: Sequence[int] | None) -> tuple[int, int]:
+    """Validate ``images`` ((B, 3, H, W) float) and return ``output_size`` or (H, W)."""
+    check_images(images)
+    if output_size is None:
+        return images.shape[-2], images.shape[-1]
+    try:
+        size = tuple(operator.index(side) for side in output_size)
+    except TypeError:
+        size = ()
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"output_size must be two positive ints, got {output_size!r}")
+    return size
 
 
 class OpenVocabSegmenter(nn.Module):
     """Per-pixel classification of dense features by cosine similarity to class-name embeddings.
 
+    The text embeddings are computed once, at construction, and kept as (non-persistent)
+    buffers, so ``.to(device)`` moves them (and ``features`` too when it is a Module).
+
+    Background rules in :meth:`predict` both map pixels to class 0, in this order: first
+    ``prob_threshold`` (per pixel), then ``area_threshold`` (per image, on the thresholded mask).
+
     Args:
-        features: ``(B, 3, H, W) -> (B, C, h, w)`` dense features (a backbone or a teacher).
-        encode_text: ``list[str] -> (N, C)`` text encoder in the same space.
+        features: ``(B, 3, H, W) float -> (B, C, h, w)`` dense features (a backbone's forward,
+            or a sliding-window teacher).
+        encode_text: ``list[str] -> (n, C)`` text encoder in the same embedding space.
         classes: class entries; each a name, ``"name, synonym"`` or a list of synonyms.
-        logit_scale: multiplies the cosine similarity (40 in the paper's default protocol).
+            Class 0 is the one the background rules fall back to.
+        logit_scale: multiplies the cosine similarity before the softmax.
         logit_bias: added to the scaled cosine.
         prob_threshold: pixels whose best class probability is below it become class 0.
         area_threshold: per image, predicted classes covering less than this fraction of the
-            image become class 0 (applied after ``prob_threshold``).
-        templates: prompt templates for the text ensemble.
+            image's pixels become class 0.
+        templates: prompt templates for the text ensemble (callables ``name -> prompt``).
     """
 
     def __init__(
         self,
-        features: Callable[[torch.Tensor], torch.Tensor],
-        encode_text: Callable[[list[str]], torch.Tensor],
+        features: DenseFeatures,
+        encode_text: TextEncoder,
         classes: Sequence[ClassEntry],
         logit_scale: float = 40.0,
         logit_bias: float = 0.0,
@@ -107,11 +165,13 @@ class OpenVocabSegmenter(nn.Module):
         templates: Sequence[Template] = PROMPT_TEMPLATES,
     ) -> None:
         super().__init__()
+        _check_fraction(prob_threshold, "prob_threshold")
+        _check_fraction(area_threshold, "area_threshold")
         self.features = features
         self.class_names = parse_classes(classes)
         embeddings, name_to_class = build_text_classifier(encode_text, classes, templates)
-        self.register_buffer("text_embeddings", embeddings)
-        self.register_buffer("name_to_class", name_to_class)
+        self.register_buffer("text_embeddings", embeddings, persistent=False)
+        self.register_buffer("name_to_class", name_to_class, persistent=False)
         self.logit_scale = logit_scale
         self.logit_bias = logit_bias
         self.prob_threshold = prob_threshold
@@ -122,60 +182,100 @@ class OpenVocabSegmenter(nn.Module):
         cls,
         backbone: nn.Module,
         classes: Sequence[ClassEntry],
-        dense: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        **kwargs,
+        dense: DenseFeatures | None = None,
+        **kwargs: Any,
     ) -> OpenVocabSegmenter:
-        """Segment with ``dense`` (default: the backbone's single pass) and the backbone's text."""
-        return cls(dense or backbone, backbone.encode_text, classes, **kwargs)
+        """Segment with ``dense`` (default: the backbone's own forward) and the backbone's text.
+
+        ``kwargs`` go to the constructor (``logit_scale``, thresholds, ``templates``).
+        """
+        features = dense if dense is not None else backbone
+        return cls(features, backbone.encode_text, classes, **kwargs)
 
     @property
     def num_classes(self) -> int:
+        """K, the number of classes (not names)."""
         return len(self.class_names)
 
-    def _output_size(self, images: torch.Tensor, output_size) -> tuple[int, int]:
-        check_images(images)
-        if output_size is None:
-            return tuple(images.shape[-2:])
-        size = tuple(int(s) for s in output_size)
-        if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"output_size must be two positive ints, got {output_size!r}")
-        return size
+    def name_logits(
+        self, images: torch.Tensor, output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Scaled cosine per name, before any softmax.
 
-    def name_logits(self, images: torch.Tensor, output_size=None) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N_names, H_out, W_out) scaled cosine per name, float32."""
-        size = self._output_size(images, output_size)
-        features = F.normalize(self.features(images).float(), dim=1)
-        cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings)
+        Args:
+            images: (B, 3, H, W) float, normalised as the backbone expects.
+            output_size: (H_out, W_out); default (H, W).
+
+        Returns:
+            (B, N_names, H_out, W_out) float32 ``logit_scale * cos + logit_bias``, bilinearly
+            upsampled (``align_corners=False``) from the feature grid.
+        """
+        size = _resolve_size(images, output_size)
+        features = self._unit_features(images)
+        cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
         logits = self.logit_scale * cosine + self.logit_bias
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def logits(self, images: torch.Tensor, output_size=None) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, K, H_out, W_out) class probabilities.
+    def logits(
+        self, images: torch.Tensor, output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Per-class probabilities (despite the name, these are not raw logits).
 
-        A softmax over all names, then the max over each class's synonyms.
+        A float32 softmax over *all names* of :meth:`name_logits`, then, per class, the max of
+        its synonyms' probabilities. Values lie in [0, 1]; with synonyms a pixel's class scores
+        can sum to less than 1.
+
+        Args:
+            images: (B, 3, H, W) float.
+            output_size: (H_out, W_out); default (H, W).
+
+        Returns:
+            (B, K, H_out, W_out) float32.
         """
         probabilities = self.name_logits(images, output_size).softmax(dim=1)
         batch, _, height, width = probabilities.shape
-        scores = probabilities.new_full((batch, self.num_classes, height, width), -1.0)
         index = self.name_to_class.view(1, -1, 1, 1).expand_as(probabilities)
-        return scores.scatter_reduce(1, index, probabilities, reduce="amax", include_self=True)
+        scores = probabilities.new_zeros(batch, self.num_classes, height, width)
+        return scores.scatter_reduce(1, index, probabilities, reduce="amax", include_self=False)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, output_size=None) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, H_out, W_out) long class indices, background rules applied."""
-        scores = self.logits(images, output_size)
-        confidence, mask = scores.max(dim=1)
+    def predict(
+        self, images: torch.Tensor, output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Class index per pixel: argmax of :meth:`logits`, then the background rules.
+
+        First, pixels whose best class probability is below ``prob_threshold`` become 0; then,
+        per image, classes covering less than ``area_threshold`` of the pixels become 0.
+
+        Args:
+            images: (B, 3, H, W) float.
+            output_size: (H_out, W_out); default (H, W).
+
+        Returns:
+            (B, H_out, W_out) long, values in [0, K).
+        """
+        confidence, mask = self.logits(images, output_size).max(dim=1)
         if self.prob_threshold is not None:
             mask[confidence < self.prob_threshold] = 0
         if self.area_threshold is not None:
             mask = self._drop_small_classes(mask)
         return mask
 
+    def _unit_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) float32 features, unit norm along C."""
+        features = self.features(images)
+        channels = self.text_embeddings.shape[1]
+        if features.ndim != 4 or features.shape[:2] != (images.shape[0], channels):
+            raise ValueError(
+                f"features must return (B={images.shape[0]}, C={channels}, h, w) to match the "
+                f"text embeddings, got shape {tuple(features.shape)}"
+            )
+        return F.normalize(features.float(), dim=1)
+
     def _drop_small_classes(self, mask: torch.Tensor) -> torch.Tensor:
-        """Per image, classes covering less than ``area_threshold`` of the pixels become 0."""
-        pixels = mask.shape[1] * mask.shape[2]
-        counts = torch.stack(
-            [torch.bincount(m.flatten(), minlength=self.num_classes) for m in mask]
-        )
-        small = counts < self.area_threshold * pixels  # (B, K)
+        """(B, H, W) long -> same, classes covering < ``area_threshold`` of an image set to 0."""
+        batch = mask.shape[0]
+        offsets = torch.arange(batch, device=mask.device).view(-1, 1, 1) * self.num_classes
+        counts = torch.bincount((mask + offsets).flatten(), minlength=batch * self.num_classes)
+        small = counts.view(batch, self.num_classes) < self.area_threshold * mask[0].numel()
         return torch.where(small.gather(1, mask.flatten(1)).view_as(mask), 0, mask)

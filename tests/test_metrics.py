@@ -95,6 +95,32 @@ def test_out_of_range_values_are_named(pred, target, message):
         MeanIoU(3).update(torch.tensor(pred), torch.tensor(target))
 
 
+def test_predictions_are_checked_at_ignored_pixels_too():
+    with pytest.raises(ValueError, match=r"prediction values \[255\]"):
+        MeanIoU(3).update(torch.tensor([0, 255]), torch.tensor([0, 255]))
+
+
+def test_ignored_pixels_do_not_count():
+    # the same example without its ignored pixel gives the same matrix
+    with_ignored, without = MeanIoU(3), MeanIoU(3)
+    with_ignored.update(PRED, TARGET)
+    without.update(PRED.flatten()[:5], TARGET.flatten()[:5])
+    assert torch.equal(with_ignored.confusion, without.confusion)
+    assert with_ignored.confusion.sum() == 5
+
+
+def test_confusion_is_the_live_accumulator():
+    # what an all-reduce does: add the other shards' counts in place
+    metric = MeanIoU(3)
+    metric.update(PRED, TARGET)
+    metric.confusion.add_(metric.confusion.clone())
+    scores = metric.compute()
+    assert scores.confusion.tolist() == [[2, 2, 0], [0, 4, 0], [0, 2, 0]]
+    assert scores.miou == pytest.approx(1 / 3)
+    scores.confusion.zero_()  # the scores hold a copy
+    assert metric.confusion.sum() == 10
+
+
 def test_float_predictions_are_rejected():
     with pytest.raises(ValueError, match="integer"):
         MeanIoU(3).update(np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.int64))

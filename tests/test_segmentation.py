@@ -37,14 +37,19 @@ class FakeTextEncoder:
         return torch.stack(rows)
 
 
-def features_from_names(grid: list[list[str]]):
-    """A dense-feature function returning, for any image, the basis map of ``grid`` (h, w)."""
-    table = torch.stack([torch.stack([basis(n) for n in row]) for row in grid]).permute(2, 0, 1)
+def constant_features(table: torch.Tensor):
+    """A dense-feature function returning the (C, h, w) ``table`` for every image."""
 
     def features(images: torch.Tensor) -> torch.Tensor:
         return table[None].expand(images.shape[0], -1, -1, -1)
 
     return features
+
+
+def features_from_names(grid: list[list[str]]):
+    """A dense-feature function returning, for any image, the basis map of ``grid`` (h, w)."""
+    table = torch.stack([torch.stack([basis(n) for n in row]) for row in grid]).permute(2, 0, 1)
+    return constant_features(table)
 
 
 def images_for(grid, batch=1):
@@ -79,17 +84,62 @@ def test_output_size_and_default_size():
     assert seg.logits(images_for(grid), output_size=(5, 7)).shape == (1, 4, 5, 7)
 
 
-def test_probability_threshold_sends_unsure_pixels_to_background():
-    def ambiguous(images):
-        return (
-            ((basis("sky") + basis("car")) / 2).view(1, -1, 1, 1).expand(images.shape[0], -1, 2, 2)
-        )
+def test_scores_match_a_hand_computed_softmax():
+    # scale 1, bias 0.5: a "road" pixel has name logits [0.5, 0.5, 1.5, 0.5, 0.5] over
+    # (background, sky, road, street, car), so softmax gives e / (e + 4) to "road" and
+    # 1 / (e + 4) to every other name; class "road, street" takes the max of its two names.
+    # A "street" pixel gives the same class scores through the other synonym.
+    grid = [["road", "street"]]
+    seg = segmenter(grid, logit_scale=1.0, logit_bias=0.5)
+    images = images_for(grid)
+    names = seg.name_logits(images, output_size=(1, 2))
+    torch.testing.assert_close(names[0, :, 0, 0], torch.tensor([0.5, 0.5, 1.5, 0.5, 0.5]))
+    e = torch.e
+    low, high = 1 / (e + 4), e / (e + 4)
+    expected = torch.tensor([low, low, high, low]).view(4, 1).expand(4, 2)
+    torch.testing.assert_close(seg.logits(images, output_size=(1, 2))[0, :, 0], expected)
 
+
+def ambiguous_pair():
+    """(C, 1, 2) features: a clear "sky" cell, then a cell halfway between "sky" and "car"."""
+    return torch.stack([basis("sky"), basis("sky") + basis("car")], dim=1)[:, None]
+
+
+def test_probability_threshold_sends_unsure_pixels_to_background():
+    # cell 0: sky gets e^40 / (e^40 + 4) ~ 1.  cell 1: sky and car both have cosine 1/sqrt(2),
+    # so each gets about 1/2 of the probability.
     images = torch.zeros(1, 3, 32, 32)
-    sure = OpenVocabSegmenter(ambiguous, FakeTextEncoder(), CLASSES)
-    unsure = OpenVocabSegmenter(ambiguous, FakeTextEncoder(), CLASSES, prob_threshold=0.6)
-    assert set(sure.predict(images).unique().tolist()) <= {1, 3}
-    assert unsure.predict(images).unique().tolist() == [0]
+    features = constant_features(ambiguous_pair())
+    sure = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES)
+    assert sure.logits(images, output_size=(1, 2))[0, [1, 3], 0, 1].tolist() == pytest.approx(
+        [0.5, 0.5]
+    )
+    first, second = sure.predict(images, output_size=(1, 2))[0, 0].tolist()
+    assert first == 1 and second in (1, 3)
+    for threshold, expected in ((0.6, [1, 0]), (0.49, [1, second])):
+        unsure = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES, prob_threshold=threshold)
+        assert unsure.predict(images, output_size=(1, 2))[0, 0].tolist() == expected
+
+
+def test_probability_threshold_applies_before_area_threshold():
+    # 4x4 cells of sky, one clear car cell and one unsure car cell (car wins with p ~ 0.64).
+    # Car covers 2/16 = 12.5% >= 10% before the probability threshold and 1/16 after it, so
+    # with the threshold first the area rule removes car entirely.
+    table = basis("sky").view(-1, 1, 1).repeat(1, 4, 4)
+    table[:, 0, 0] = basis("car")
+    table[:, 3, 3] = basis("car") + 0.98 * basis("sky")
+    features = constant_features(table)
+    images = torch.zeros(1, 3, 64, 64)
+    plain = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES)
+    assert plain.logits(images, output_size=(4, 4))[0, 3, 3, 3] == pytest.approx(0.64, abs=0.01)
+    assert (plain.predict(images, output_size=(4, 4)) == 3).sum() == 2
+    both = OpenVocabSegmenter(
+        features, FakeTextEncoder(), CLASSES, prob_threshold=0.7, area_threshold=0.1
+    )
+    mask = both.predict(images, output_size=(4, 4))[0]
+    expected = torch.ones(4, 4, dtype=torch.long)
+    expected[0, 0] = expected[3, 3] = 0
+    assert torch.equal(mask, expected)
 
 
 def test_area_threshold_removes_small_regions():
@@ -112,6 +162,21 @@ def test_text_embeddings_are_computed_once():
     seg.predict(images_for(grid))
     assert encoder.calls == calls
     assert seg.text_embeddings.shape == (5, 5)
+    assert seg.text_embeddings.dtype == torch.float32
+    assert seg.name_to_class.tolist() == [0, 1, 2, 2, 3]
+    assert {"text_embeddings", "name_to_class"} <= dict(seg.named_buffers()).keys()
+
+
+def test_bfloat16_features_give_float32_scores():
+    grid = [["sky", "car"], ["road", "background"]]
+    table = features_from_names(grid)(images_for(grid))[0]
+    low_precision = OpenVocabSegmenter(
+        constant_features(table.bfloat16()), FakeTextEncoder(), CLASSES
+    )
+    images = images_for(grid)
+    assert low_precision.name_logits(images).dtype == torch.float32
+    assert low_precision.logits(images).dtype == torch.float32
+    assert torch.equal(low_precision.predict(images), segmenter(grid).predict(images))
 
 
 def test_template_ensemble_averages_normalised_embeddings():
@@ -127,6 +192,22 @@ def test_template_ensemble_averages_normalised_embeddings():
     expected = F.normalize((first + second) / 2, dim=0)
     torch.testing.assert_close(embeddings[0], expected)
     assert name_to_class.tolist() == [0]
+
+
+def test_text_encoder_with_the_wrong_output_shape_is_reported():
+    with pytest.raises(ValueError, match=r"encode_text must map 3 prompts.*\(2, 4\)"):
+        build_text_classifier(lambda prompts: torch.ones(2, 4), ["cat"], [str, str, str])
+
+
+def test_prompts_are_encoded_in_batches():
+    batches = []
+
+    def encode(prompts):
+        batches.append(len(prompts))
+        return torch.ones(len(prompts), 4)
+
+    build_text_classifier(encode, ["cat", "dog, puppy"], PROMPT_TEMPLATES, batch_size=100)
+    assert batches == [100, 100, 40]
 
 
 def test_the_default_ensemble_is_the_80_imagenet_templates():
@@ -166,14 +247,34 @@ def test_load_class_names(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="blank.txt"):
         load_class_names(tmp_path / "blank.txt")
+    (tmp_path / "commas.txt").write_text("sky\n , \n")
+    with pytest.raises(ValueError, match="commas.txt.*class 1"):
+        load_class_names(tmp_path / "commas.txt")
 
 
 def test_bad_images_and_sizes_are_rejected():
     seg = segmenter([["sky"]])
     with pytest.raises(ValueError, match="shape"):
         seg.predict(torch.zeros(3, 16, 16))
-    with pytest.raises(ValueError, match="output_size"):
-        seg.predict(torch.zeros(1, 3, 16, 16), output_size=(0, 4))
+    with pytest.raises(ValueError, match="dtype|floating"):
+        seg.predict(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    for size in [(0, 4), (4,), (4, 4, 4), (2.5, 4), 8]:
+        with pytest.raises(ValueError, match="output_size"):
+            seg.predict(torch.zeros(1, 3, 16, 16), output_size=size)
+    mask = seg.predict(torch.zeros(1, 3, 16, 16), output_size=torch.Size([3, 5]))
+    assert mask.shape == (1, 3, 5)
+
+
+def test_features_that_do_not_match_the_text_are_reported():
+    seg = OpenVocabSegmenter(lambda x: torch.zeros(1, 7, 2, 2), FakeTextEncoder(), CLASSES)
+    with pytest.raises(ValueError, match=r"C=5.*\(1, 7, 2, 2\)"):
+        seg.predict(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["prob_threshold", "area_threshold"])
+def test_thresholds_must_be_fractions(name):
+    with pytest.raises(ValueError, match=name):
+        segmenter([["sky"]], **{name: 1.5})
 
 
 @pytest.mark.parametrize("use_teacher", [False, True])
