@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Distil the tiny backbone on the bundled images, then compare teacher, pretrained and distilled.
+DEMO_DIR ?= outputs/demo
 demo: install
-	$(PY) scripts/demo.py
+	$(PY) scripts/train.py hydra.run.dir=$(DEMO_DIR)/train
+	$(PY) scripts/demo.py checkpoint=$(DEMO_DIR)/train/checkpoints/best.safetensors \
+		hydra.run.dir=$(DEMO_DIR)/pictures
 
 lint: install
 	$(PY) -m ruff check spar scripts tests

@@ -1,4 +1,4 @@
-"""Teacher vs student on images: `python scripts/demo.py [backbone=maskclip] [images=dir]`."""
+"""Teacher vs student on images: `python scripts/demo.py [images=dir] [checkpoint=path]`."""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,7 +13,11 @@ from spar.utils import resolve_device
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
-    backbone = create_backbone(**OmegaConf.to_container(cfg.backbone)).to(device)
+    backbone_cfg = OmegaConf.to_container(cfg.backbone)
+    backbone = create_backbone(**backbone_cfg).to(device)
+    distilled = None
+    if cfg.checkpoint:
+        distilled = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint).to(device)
     out_dir = HydraConfig.get().runtime.output_dir
     summary = compare_teacher_student(
         backbone,
@@ -24,17 +28,23 @@ def main(cfg: DictConfig) -> None:
         window=cfg.teacher.window,
         bounds=tuple(cfg.bounds),
         teacher_batch_size=cfg.teacher.batch_size,
+        distilled=distilled,
     )
-    print(f"{'image':<28}{'size':>12}{'windows':>9}{'cosine':>8}{'student s':>11}{'teacher s':>11}")
+    header = f"{'image':<24}{'size':>10}{'windows':>9}{'cos pretrained':>16}"
+    header += f"{'cos distilled':>15}" if distilled is not None else ""
+    print(header + f"{'student s':>11}{'teacher s':>11}")
     for row in summary["images"]:
-        size = "x".join(map(str, row["size"]))
-        print(
-            f"{row['image'].split('/')[-1]:<28}{size:>12}{row['windows']:>9}{row['cosine']:>8.3f}"
-            f"{row['student_seconds']:>11.3f}{row['teacher_seconds']:>11.3f}"
-        )
+        line = f"{row['image'].split('/')[-1]:<24}{'x'.join(map(str, row['size'])):>10}"
+        line += f"{row['windows']:>9}{row['cosine']:>16.3f}"
+        line += f"{row['distilled_cosine']:>15.3f}" if distilled is not None else ""
+        print(line + f"{row['student_seconds']:>11.3f}{row['teacher_seconds']:>11.3f}")
+    distilled_part = (
+        f", distilled {summary['mean_distilled_cosine']:.3f}" if distilled is not None else ""
+    )
     print(
-        f"mean cosine {summary['mean_cosine']:.3f}, teacher/student time "
-        f"{summary['teacher_over_student_time']:.1f}x; pictures and summary in {out_dir}"
+        f"mean cosine to the teacher: pretrained {summary['mean_cosine']:.3f}{distilled_part}; "
+        f"teacher/student time {summary['teacher_over_student_time']:.1f}x; "
+        f"pictures and summary in {out_dir}"
     )
 
 

@@ -63,7 +63,7 @@ def test_demo_script_runs_with_hydra_overrides(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "mean cosine" in result.stdout
+    assert "mean cosine to the teacher" in result.stdout
     summary = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
     assert summary["stride"] == 64 and len(summary["images"]) == 1
     assert (tmp_path / "run" / "rocket_segmentation.png").is_file()

@@ -97,7 +97,11 @@ class DenseBackbone(nn.Module):
         native_size: (H, W) pretraining resolution, the teacher's default window.
         mean, std: per-channel input normalisation (images in [0, 1] -> normalised).
         tokenizer: ``list[str] -> (N, L)`` token ids, injectable for offline use.
+        identity: registry name, pretrained weights and options, set by ``create_backbone``
+            (``None`` for backbones built directly); recorded in checkpoints.
     """
+
+    identity: dict | None = None
 
     patch_size: int
     embed_dim: int

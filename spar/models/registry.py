@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .base import DenseBackbone, TrainableBlocks
+from .checkpoint import load_checkpoint
 
 _DEFAULT = object()  # "use the backbone's default pretrained weights"
 
@@ -53,6 +56,7 @@ def create_backbone(
     pretrained: str | None = _DEFAULT,  # type: ignore[assignment]
     *,
     trainable_blocks: TrainableBlocks = "last-2",
+    checkpoint: str | Path | None = None,
     **overrides,
 ) -> DenseBackbone:
     """Create a registered backbone, in eval mode.
@@ -64,6 +68,8 @@ def create_backbone(
             local weight file (state dict or safetensors).
         trainable_blocks: which vision blocks keep ``requires_grad``: ``"last-N"`` (default
             ``"last-2"``), ``"all"``, ``"none"`` or a list of block indices.
+        checkpoint: a SPAR checkpoint (``.safetensors`` written by training) loaded on top of
+            the pretrained weights; it must have been trained for backbone ``name``.
         **overrides: family-specific options (e.g. ``tokenizer=`` for offline text encoding,
             ``width=``/``depth=`` for the tiny models).
     """
@@ -78,5 +84,20 @@ def create_backbone(
             f"{', '.join(sorted(options)) or '(none)'}"
         )
     backbone = entry.factory(pretrained=pretrained, **overrides)
+    backbone.identity = {
+        "name": name,
+        "pretrained": pretrained,
+        "options": {k: v for k, v in overrides.items() if _is_json(v)},
+    }
+    if checkpoint is not None:
+        load_checkpoint(backbone, checkpoint, expected_name=name)
     backbone.set_trainable_blocks(trainable_blocks)
     return backbone.eval()
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,34 @@
+"""Fill the teacher cache for a training config: `python scripts/cache_teacher.py backbone=...`.
+
+Interrupted runs resume (finished entries are kept); under torchrun each rank fills a shard.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from spar.distill import fill_cache, fill_heldout_cache, prepare
+from spar.distributed import shutdown_distributed
+from spar.io import atomic_write_json
+
+
+@hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        setup = prepare(cfg)
+        stats = fill_cache(setup)
+        stats["heldout_unreadable"] = fill_heldout_cache(setup)
+    finally:
+        shutdown_distributed()
+    if setup.context.is_main:
+        out_dir = HydraConfig.get().runtime.output_dir
+        stats["cache_dir"] = str(setup.cache.root)
+        atomic_write_json(f"{out_dir}/cache_summary.json", stats)
+        print(
+            f"teacher cache {setup.cache.root}: {stats['computed']} computed, "
+            f"{stats['reused']} reused, {stats['skipped']} unreadable image view(s)"
+        )
+
+
+if __name__ == "__main__":
+    main()

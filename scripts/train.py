@@ -1,0 +1,34 @@
+"""Distil the sliding-window teacher into the single pass: `python scripts/train.py backbone=...`.
+
+Runs under torchrun as well: `torchrun --nproc_per_node 4 scripts/train.py backbone=siglip2 ...`.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from spar.distill import run_distillation
+from spar.distributed import shutdown_distributed
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = run_distillation(cfg, out_dir)
+    finally:
+        shutdown_distributed()
+    print(
+        f"steps {summary['steps']}, images {summary['images_seen']} "
+        f"({summary['images_per_second']:.2f}/s), skipped {summary['skipped_images']}"
+    )
+    for name, row in summary["heldout_sizes"].items():
+        print(
+            f"held-out {name}: mse {row['mse_before']:.4g} -> {row['mse_after']:.4g}, "
+            f"cos {row['cos_before']:.4f} -> {row['cos_after']:.4f} ({row['images']} images)"
+        )
+    print(f"checkpoint {summary['checkpoint']}; summary in {out_dir}/train_summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Unlabeled training images: the train/held-out split and the dataset of augmented views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data.images import load_image, resize_to_fit, to_model_input
+from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
+from .cache import TeacherFeatureCache, entry_key, image_identity
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """Training and held-out image files (disjoint)."""
+
+    train: list[Path]
+    heldout: list[Path]
+
+
+def split_images(
+    paths: Sequence[Path], num_heldout: int, max_train: int | None = None
+) -> ImageSplit:
+    """Hold out the last ``num_heldout`` files; train on the first ``max_train`` of the rest.
+
+    ``paths`` should be sorted (``list_images`` sorts), so the split is stable across runs and
+    machines. Raises ``ValueError`` when no training image would remain.
+    """
+    paths = list(paths)
+    if num_heldout < 0:
+        raise ValueError(f"num_heldout must be >= 0, got {num_heldout}")
+    if num_heldout >= len(paths):
+        raise ValueError(
+            f"{len(paths)} image(s) cannot give {num_heldout} held-out image(s) and a training set"
+        )
+    train = paths[: len(paths) - num_heldout]
+    heldout = paths[len(paths) - num_heldout :]
+    if max_train is not None:
+        train = train[:max_train]
+    return ImageSplit(train, heldout)
+
+
+def pass_through(item: dict[str, Any]) -> dict[str, Any]:
+    """Collate for ``DataLoader(batch_size=None)``: one view at a time, left as it is.
+
+    Views differ in size, so training uses batch size one and gradient accumulation.
+    """
+    return item
+
+
+class DistillationViews(Dataset):
+    """Augmented views of training images, normalised for the backbone, with cached targets.
+
+    Item ``i`` is view ``i % draws_per_image`` of image ``i // draws_per_image``. With
+    ``fixed_views`` (the cached-teacher mode) its augmentation is drawn once from
+    ``(augment_seed, image, draw)`` and is the same in every epoch, so its teacher map can be
+    cached; otherwise it is drawn from ``(augment_seed, epoch, i)`` afresh each epoch
+    (``set_epoch``).
+
+    Each item is a dict: ``index``, ``path``, ``image`` ((3, H, W) normalised float32),
+    ``plan`` (:class:`AugmentationPlan`), ``key`` and ``description`` (the cache key and its
+    JSON, ``None`` without a teacher identity), ``target`` ((C, h, w) float16 from the cache or
+    ``None``) and ``skipped`` (``None``, or why the image could not be used; then no image).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        root: str | Path,
+        recipe: AugmentationRecipe,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        augment_seed: int = 0,
+        draws_per_image: int = 1,
+        fixed_views: bool = True,
+        cache: TeacherFeatureCache | None = None,
+        teacher_identity: dict[str, Any] | None = None,
+        load_targets: bool = True,
+    ) -> None:
+        if draws_per_image < 1:
+            raise ValueError(f"draws_per_image must be >= 1, got {draws_per_image}")
+        if cache is not None and teacher_identity is None:
+            raise ValueError("a teacher cache needs the teacher identity to key its entries")
+        self.paths = list(paths)
+        self.root = Path(root)
+        self.recipe = recipe
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment_seed = augment_seed
+        self.draws_per_image = draws_per_image
+        self.fixed_views = fixed_views
+        self.cache = cache
+        self.teacher_identity = teacher_identity
+        self.load_targets = load_targets
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.draws_per_image
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan_for(self, index: int, source_size: tuple[int, int]) -> AugmentationPlan:
+        if self.fixed_views:
+            image, draw = divmod(index, self.draws_per_image)
+            rng = plan_generator(self.augment_seed, image, draw)
+        else:
+            rng = plan_generator(self.augment_seed, self.epoch, index)
+        return draw_plan(source_size, self.recipe, rng)
+
+    def target_shape(self, plan: AugmentationPlan) -> tuple[int, int, int]:
+        patch = self.teacher_identity["patch_size"]
+        rows, cols = (-(-side // patch) for side in plan.output)
+        return (self.teacher_identity["embed_dim"], rows, cols)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index // self.draws_per_image]
+        item: dict[str, Any] = {"index": index, "path": str(path), "skipped": None}
+        try:
+            pixels = load_image(path)
+        except (ValueError, OSError) as error:
+            item["skipped"] = str(error)
+            return item
+        plan = self.plan_for(index, tuple(pixels.shape[-2:]))
+        item["plan"] = plan
+        item["image"] = to_model_input(apply_plan(pixels, plan), self.mean, self.std)[0]
+        item["key"] = item["description"] = item["target"] = None
+        if self.teacher_identity is not None:
+            view = {"augmentation": plan.to_dict()}
+            description = {
+                "teacher": self.teacher_identity,
+                "image": image_identity(path, self.root),
+                "view": view,
+            }
+            item["description"] = description
+            item["key"] = entry_key(description["teacher"], description["image"], view)
+            if self.cache is not None and self.load_targets:
+                item["target"] = self.cache.load(item["key"], self.target_shape(plan))
+        return item
+
+
+def heldout_view(
+    path: Path, bounds: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """A held-out image resized to fit ``bounds`` (long, short), normalised: (1, 3, H, W)."""
+    return to_model_input(resize_to_fit(load_image(path), bounds), mean, std)

@@ -1,0 +1,83 @@
+"""torch.distributed set-up for torchrun: one process per device, NCCL on GPU, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .utils import resolve_device
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over all ranks (identity when not distributed)."""
+        if not self.is_distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._reduce_device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def union(self, items: list[str]) -> list[str]:
+        """Sorted union of string lists over all ranks."""
+        if not self.is_distributed:
+            return sorted(set(items))
+        gathered: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, list(items))
+        return sorted({item for part in gathered for item in part or []})
+
+    @property
+    def _reduce_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 180) -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Without ``WORLD_SIZE`` > 1 this is a single process on ``resolve_device(device)``. Under
+    torchrun each process takes ``cuda:LOCAL_RANK`` when CUDA is used (backend NCCL), or the CPU
+    (backend gloo). ``timeout_minutes`` bounds collective waits; it is generous because ranks may
+    wait at a barrier while others fill the teacher cache.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext(device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return DistributedContext(rank, world_size, local_rank, chosen)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
