@@ -8,8 +8,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.distill import fill_cache, fill_heldout_cache, prepare
-from spar.distributed import shutdown_distributed
+from spar.distributed import register_run_id_resolver, shutdown_distributed
 from spar.io import atomic_write_json
+
+register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")

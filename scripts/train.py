@@ -8,7 +8,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.distill import run_distillation
-from spar.distributed import shutdown_distributed
+from spar.distributed import is_main_process, register_run_id_resolver, shutdown_distributed
+
+register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -18,6 +20,8 @@ def main(cfg: DictConfig) -> None:
         summary = run_distillation(cfg, out_dir)
     finally:
         shutdown_distributed()
+    if not is_main_process():
+        return
     print(
         f"steps {summary['steps']}, images {summary['images_seen']} "
         f"({summary['images_per_second']:.2f}/s), skipped {summary['skipped_images']}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -81,3 +82,27 @@ def shutdown_distributed() -> None:
     """Leave the process group (no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_id() -> str:
+    """A name for this run's output directory that every torchrun rank agrees on.
+
+    A timestamp for a single process; under torchrun the rendezvous run id, which is the same on
+    every rank (a timestamp could differ by a second between ranks and split the outputs).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"{time.strftime('%Y-%m-%d')}_torchrun-{os.environ['TORCHELASTIC_RUN_ID'][:8]}"
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_run_id_resolver() -> None:
+    """Make ``${spar_run_id:}`` available to Hydra configs (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("spar_run_id"):
+        OmegaConf.register_new_resolver("spar_run_id", run_id, use_cache=True)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun job and in a single process."""
+    return int(os.environ.get("RANK", "0")) == 0

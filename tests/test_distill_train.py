@@ -1,0 +1,259 @@
+"""Training end to end on the tiny backbone: agreement improves, resume continues the same
+trajectory, checkpoints load through create_backbone, bad input is handled; configs compose."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import CONFIGS, write_scene_images
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+from safetensors import safe_open
+
+from spar.distill import (
+    OptimSettings,
+    TeacherFeatureCache,
+    TrainerSettings,
+    epoch_order,
+    run_distillation,
+)
+from spar.distill.trainer import learning_rate_factor, resolve_resume_paths
+from spar.distributed import register_run_id_resolver
+from spar.models import WeightLoadingError, create_backbone
+from spar.models.checkpoint import read_checkpoint
+
+register_run_id_resolver()
+
+
+def train_config(tmp_path, *overrides):
+    """``configs/train.yaml`` composed with ``overrides``, pointed at ``tmp_path``, small."""
+    base = [
+        f"teacher.cache_dir={tmp_path / 'cache'}",
+        "trainer.num_workers=0",
+        "trainer.show_progress=false",
+        "trainer.log_every=1",
+        "device=cpu",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=base + list(overrides))
+
+
+def small_run(tmp_path, name, *overrides, images=None):
+    images = images or write_scene_images(tmp_path / "images", count=5)
+    cfg = train_config(
+        tmp_path,
+        f"data.root={images}",
+        "data.augment.bounds=[160,128]",
+        "data.augment.min_crop=64",
+        "data.augment.min_short_side=64",
+        "data.draws_per_image=2",
+        "heldout.num_images=1",
+        "heldout.sizes=[[160,128],[256,192]]",
+        "teacher.window=96",
+        "teacher.stride=24",
+        *overrides,
+    )
+    summary = run_distillation(cfg, tmp_path / name)
+    return summary, tmp_path / name
+
+
+def train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["event"] == "train"}
+
+
+def test_demo_preset_distils_and_heldout_error_drops(tmp_path):
+    cfg = train_config(tmp_path, "trainer.epochs=4")
+    summary = run_distillation(cfg, tmp_path / "run")
+    assert summary["heldout_mse_after"] < 0.75 * summary["heldout_mse_before"]
+    assert summary["heldout_cos_after"] > summary["heldout_cos_before"]
+    off_range = summary["heldout_sizes"]["768x576"]
+    assert off_range["mse_after"] < off_range["mse_before"]
+    written = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    for key in (
+        "heldout_mse_before",
+        "heldout_mse_after",
+        "heldout_cos_before",
+        "heldout_cos_after",
+        "steps",
+        "images_seen",
+        "checkpoint",
+    ):
+        assert written[key] is not None, key
+    assert written["steps"] == 4 * 32 and written["images_seen"] == 4 * 32
+    assert written["skipped_images"] == 0 and written["teacher_mode"] == "cached"
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_checkpoint_loads_through_create_backbone(tmp_path):
+    summary, run_dir = small_run(tmp_path, "run", "trainer.epochs=1", "optim.lr=1e-3")
+    checkpoint = summary["checkpoint"]
+    tensors, metadata = read_checkpoint(checkpoint)
+    assert metadata["backbone"]["name"] == "tiny"
+    assert metadata["extra"]["run"]["teacher"]["stride"] == 24
+    pretrained = create_backbone("tiny")
+    distilled = create_backbone("tiny", checkpoint=checkpoint)
+    # Only the two trainable blocks are stored, and they differ from the pretrained ones.
+    assert all(".resblocks.2." in k or ".resblocks.3." in k for k in tensors)
+    assert len(tensors) == sum(1 for p in pretrained.parameters() if p.requires_grad)
+    state = distilled.state_dict()
+    for key, value in tensors.items():
+        torch.testing.assert_close(state[key], value)
+    assert any(not torch.equal(pretrained.state_dict()[k], v) for k, v in tensors.items())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert not torch.allclose(pretrained(x), distilled(x))
+
+
+def test_checkpoint_of_another_backbone_names_both(tmp_path):
+    summary, _ = small_run(tmp_path, "run", "trainer.epochs=1", "trainer.stop_after_steps=1")
+    with pytest.raises(WeightLoadingError, match=r"'tiny'.*'siglip2-tiny'"):
+        create_backbone("siglip2-tiny", checkpoint=summary["checkpoint"])
+    with pytest.raises(WeightLoadingError, match="not found"):
+        create_backbone("tiny", checkpoint=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
+    common = ["trainer.epochs=3", "optim.lr=1e-3", "optim.schedule=cosine", f"teacher.mode={mode}"]
+    common += ["trainer.accumulate=2", "optim.warmup_steps=2"]
+    images = write_scene_images(tmp_path / "images", count=5)
+    full, _ = small_run(tmp_path, "full", *common, images=images)
+    part, part_dir = small_run(
+        tmp_path, "part", *common, "trainer.stop_after_steps=5", images=images
+    )
+    assert part["stopped_early"] and part["steps"] == 5
+    resumed, resumed_dir = small_run(
+        tmp_path, "resumed", *common, f"resume={part_dir}", images=images
+    )
+    expected = train_losses(tmp_path / "full")
+    observed = {**train_losses(part_dir), **train_losses(resumed_dir)}
+    assert sorted(observed) == sorted(expected) and len(expected) == full["steps"]
+    for step, loss in expected.items():
+        assert math.isclose(observed[step], loss, rel_tol=1e-5, abs_tol=1e-7), step
+    assert resumed["steps"] == full["steps"]
+    assert math.isclose(resumed["heldout_mse_after"], full["heldout_mse_after"], rel_tol=1e-5)
+    assert resumed["heldout_mse_before"] == part["heldout_mse_before"]
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    images = write_scene_images(tmp_path / "images", count=5)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    for mode in ("cached", "online"):
+        with pytest.warns(UserWarning, match="broken.jpg"):
+            summary, _ = small_run(
+                tmp_path, mode, "trainer.epochs=1", f"teacher.mode={mode}", images=images
+            )
+        assert summary["skipped_images"] == 1
+        assert summary["skipped_files"][0].endswith("broken.jpg")
+        assert summary["steps"] == summary["train_views"]
+
+
+def test_missing_or_empty_data_root_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_distillation(train_config(tmp_path, f"data.root={tmp_path / 'nowhere'}"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        run_distillation(train_config(tmp_path, f"data.root={tmp_path / 'empty'}"), tmp_path)
+
+
+def test_resume_without_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.safetensors"):
+        resolve_resume_paths(tmp_path)
+
+
+def test_configs_compose_with_the_documented_overrides(tmp_path):
+    cfg = train_config(
+        tmp_path,
+        "backbone=siglip2",
+        "data=sa1b",
+        "data.root=/data/sa1b",
+        "trainer.epochs=5",
+        "train.unfreeze=all",
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["backbone"]["name"] == "siglip2" and resolved["train"]["unfreeze"] == "all"
+    assert resolved["data"]["augment"]["bounds"] == [2048, 1024]
+    assert resolved["data"]["max_images"] == 25000
+    assert resolved["optim"]["lr"] == 2e-5 and resolved["trainer"]["epochs"] == 5
+    assert resolved["teacher"]["stride"] == 24 and resolved["teacher"]["mode"] == "cached"
+    extended = train_config(tmp_path, "data=sa1b_extended", "data.root=/x")
+    assert list(extended.data.augment.bounds) == [2560, 1280]
+    assert list(extended.data.augment.scale_range) == [0.2, 1.0]
+    assert extended.data.augment.min_crop == 512
+    with pytest.raises(MissingMandatoryValue, match="root"):
+        OmegaConf.to_container(train_config(tmp_path, "data=sa1b"), throw_on_missing=True)
+
+
+def test_epoch_order_is_a_padded_partition_over_ranks():
+    shards = [epoch_order(7, seed=1, epoch=2, rank=r, world_size=3) for r in range(3)]
+    assert all(len(s) == 3 for s in shards)
+    assert set().union(*shards) == set(range(7))
+    assert epoch_order(7, 1, 2) != epoch_order(7, 1, 3)
+    assert epoch_order(7, 1, 2) == epoch_order(7, 1, 2)
+
+
+def test_learning_rate_schedule():
+    cosine = OptimSettings(lr=1.0, schedule="cosine", warmup_steps=4)
+    factors = [learning_rate_factor(step, 20, cosine) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+    assert factors[-1] < 0.05
+    assert learning_rate_factor(10, 20, OptimSettings()) == 1.0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        lambda: TrainerSettings(precision="fp8"),
+        lambda: TrainerSettings(accumulate=0),
+        lambda: OptimSettings(schedule="step"),
+        lambda: OptimSettings(lr=0),
+    ],
+)
+def test_bad_settings_are_rejected(settings):
+    with pytest.raises(ValueError):
+        settings()
+
+
+def test_scene_images_are_deterministic(tmp_path):
+    first = write_scene_images(tmp_path / "a", count=2)
+    second = write_scene_images(tmp_path / "b", count=2)
+    for a, b in zip(sorted(first.iterdir()), sorted(second.iterdir()), strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_bad_cache_entries_are_recomputed_by_fill_and_by_the_step(tmp_path):
+    images = write_scene_images(tmp_path / "images", count=4)
+    first, _ = small_run(tmp_path, "first", "trainer.epochs=1", images=images)
+    assert first["cache"]["computed"] == 6  # 3 images x 2 draws
+    entries = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    garbage, poisoned = entries[0], entries[1]
+    garbage.write_bytes(b"\x00" * 64)
+    cache = TeacherFeatureCache(tmp_path / "cache")
+    key = poisoned.stem
+    with safe_open(str(poisoned), framework="pt") as file:
+        features, description = (
+            file.get_tensor("features"),
+            json.loads(file.metadata()["description"]),
+        )
+    features[0, 0, 0] = float("nan")
+    cache.save(key, features, description)  # well-formed header, non-finite values
+    with pytest.warns(UserWarning, match="non-finite"):
+        second, _ = small_run(tmp_path, "second", "trainer.epochs=1", images=images)
+    assert second["cache"]["computed"] == 1  # the garbage file, caught by the header check
+    repaired = cache.load(key, tuple(features.shape))
+    assert repaired is not None and torch.isfinite(repaired).all()
+    assert math.isclose(second["heldout_mse_after"], first["heldout_mse_after"], rel_tol=1e-3)
+
+
+def test_bf16_autocast_and_gradient_clipping_run_on_cpu(tmp_path):
+    summary, _ = small_run(
+        tmp_path, "run", "trainer.epochs=1", "trainer.precision=bf16", "trainer.grad_clip=0.5"
+    )
+    assert summary["precision"] == "bfloat16" and summary["steps"] == summary["train_views"]
+    assert math.isfinite(summary["heldout_mse_after"])

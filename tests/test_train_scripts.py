@@ -1,0 +1,94 @@
+"""scripts/train.py and scripts/cache_teacher.py as users run them, and under torchrun (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, write_scene_images
+
+SMALL = [
+    "data.augment.bounds=[160,128]",
+    "data.augment.min_crop=64",
+    "data.augment.min_short_side=64",
+    "data.draws_per_image=1",
+    "heldout.num_images=1",
+    "heldout.sizes=[[160,128],[256,192]]",
+    "teacher.window=96",
+    "trainer.num_workers=0",
+    "device=cpu",
+]
+
+
+def run(command, cwd, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_cache_script_then_training_reuses_every_entry(tmp_path):
+    images = write_scene_images(tmp_path / "images", count=4)
+    common = [f"data.root={images}", f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL]
+    filled = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "cache_teacher.py"),
+            *common,
+            f"hydra.run.dir={tmp_path / 'fill'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert "3 computed, 0 reused" in filled.stdout
+    stats = json.loads((tmp_path / "fill" / "cache_summary.json").read_text())
+    assert stats["computed"] == 3
+    trained = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            *common,
+            "trainer.epochs=2",
+            f"hydra.run.dir={tmp_path / 'train'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert "held-out 160x128" in trained.stdout
+    summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
+    assert summary["cache"] == {"computed": 0, "reused": 3, "skipped": 0}
+    assert summary["steps"] == 6 and (tmp_path / "train" / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_two_process_gloo_run_trains_and_saves_once(tmp_path, mode):
+    images = write_scene_images(tmp_path / "images", count=5)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "scripts" / "train.py"),
+        f"data.root={images}",
+        f"teacher.cache_dir={tmp_path / 'cache'}",
+        f"teacher.mode={mode}",
+        "trainer.epochs=2",
+        "optim.lr=1e-3",
+        *SMALL,
+    ]
+    result = run(command, cwd=tmp_path, timeout=400)
+    runs = list((tmp_path / "outputs" / "train" / "tiny").iterdir())
+    assert len(runs) == 1, runs  # both ranks agree on one run directory
+    run_dir = runs[0]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    # 4 training views over 2 ranks: 2 steps per epoch, each step seeing one view per rank.
+    assert summary["steps"] == 4 and summary["images_seen"] == 8
+    assert summary["heldout_mse_after"] < summary["heldout_mse_before"]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["best.safetensors", "last.safetensors", "last.state.pt"]
+    assert result.stdout.count("held-out 160x128") == 1  # printed by rank 0 only
+    if mode == "cached":
+        assert summary["cache"]["computed"] == 4
