@@ -257,3 +257,14 @@ def test_bf16_autocast_and_gradient_clipping_run_on_cpu(tmp_path):
     )
     assert summary["precision"] == "bfloat16" and summary["steps"] == summary["train_views"]
     assert math.isfinite(summary["heldout_mse_after"])
+
+
+def test_tensorboard_events_or_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            small_run(tmp_path, "run", "trainer.epochs=1", "trainer.tensorboard=true")
+    else:
+        small_run(tmp_path, "run", "trainer.epochs=1", "trainer.tensorboard=true")
+        assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

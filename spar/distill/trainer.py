@@ -75,6 +75,8 @@ class TrainerSettings:
         num_workers: data-loading worker processes.
         seed: seeds the epoch permutations and the global RNGs.
         show_progress: draw a tqdm bar on rank 0.
+        tensorboard: also write the logged scalars as TensorBoard events in ``out_dir/tb``
+            (needs the ``tensorboard`` package).
     """
 
     epochs: int = 10
@@ -87,6 +89,7 @@ class TrainerSettings:
     num_workers: int = 2
     seed: int = 0
     show_progress: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -211,6 +214,15 @@ class Distiller:
         self.state = TrainingState(skipped_files=sorted(set(skipped_files)))
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.tensorboard = None
+        if settings.tensorboard and self.context.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "trainer.tensorboard=true needs: pip install tensorboard"
+                ) from error
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tb"))
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -224,6 +236,10 @@ class Distiller:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                for name, value in _scalars(record):
+                    self.tensorboard.add_scalar(name, value, record["step"])
+                self.tensorboard.flush()
 
     def _target(self, item: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
         target = item.get("target")
@@ -493,6 +509,18 @@ class Distiller:
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
             "run": self.run_info,
         }
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Numeric leaves of a log record as (``event/name``, value) pairs."""
+    prefix = prefix or record.get("event", "log")
+    pairs = []
+    for name, value in record.items():
+        if isinstance(value, dict):
+            pairs += _scalars(value, f"{prefix}/{name}")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and name != "step":
+            pairs.append((f"{prefix}/{name}", float(value)))
+    return pairs
 
 
 def resolve_resume_paths(path: str | Path) -> tuple[Path, Path]:
