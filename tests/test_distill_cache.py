@@ -67,7 +67,7 @@ def test_round_trip_is_float16_and_close(tmp_path):
     assert loaded.dtype == torch.float16
     torch.testing.assert_close(loaded.float(), features, atol=2e-3, rtol=2e-3)
     assert cache.has("ab" * 32, (8, 5, 7)) and not cache.has("ab" * 32, (8, 5, 6))
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp*"))
 
 
 def test_weights_digest_follows_the_weights(tiny_backbone):
@@ -187,7 +187,7 @@ def test_fill_is_resumable_and_loaded_targets_match_the_teacher(tmp_path, teache
     with pytest.raises(KeyboardInterrupt):
         fill_teacher_cache(Interrupting(), views, cache, DistributedContext(), show_progress=False)
     assert len(list(cache.root.rglob("*.safetensors"))) == 1
-    assert not list(cache.root.rglob("*.tmp"))
+    assert not list(cache.root.rglob("*.tmp*"))
 
     stats = fill_teacher_cache(teacher, views, cache, DistributedContext(), show_progress=False)
     assert (stats["computed"], stats["reused"], stats["skipped"]) == (2, 1, 1)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ..io import atomic_path
 
 CACHE_FORMAT = 1
 FEATURES = "features"
@@ -144,15 +144,8 @@ class TeacherFeatureCache:
         if features.ndim != 3:
             raise ValueError(f"teacher features must be (C, h, w), got {tuple(features.shape)}")
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            tensor = features.detach().to("cpu", torch.float16).contiguous()
-            metadata = {"key": key, "description": json.dumps(description, sort_keys=True)}
-            save_file({FEATURES: tensor}, temporary, metadata=metadata)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        tensor = features.detach().to("cpu", torch.float16).contiguous()
+        metadata = {"key": key, "description": json.dumps(description, sort_keys=True)}
+        with atomic_path(path) as temporary:
+            save_file({FEATURES: tensor}, str(temporary), metadata=metadata)
         return path

@@ -9,8 +9,6 @@ adds (resolved config, step, held-out error). It is loaded on top of the pretrai
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..io import atomic_path
 from .weights import WeightLoadingError
 
 CHECKPOINT_FORMAT = "spar-checkpoint-v1"
@@ -52,17 +51,9 @@ def save_checkpoint(
         "backbone": json.dumps(getattr(backbone, "identity", None) or {"name": None}),
         "extra": json.dumps(extra or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
+    return Path(path)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
