@@ -208,13 +208,34 @@ class OpenVocabSegmenter(nn.Module):
 
         Returns:
             (B, N_names, H_out, W_out) float32 ``logit_scale * cos + logit_bias``, bilinearly
-            upsampled (``align_corners=False``) from the feature grid.
+            upsampled (``align_corners=False``) from the feature grid; where the backbone padded
+            the image to a multiple of its patch size, the padding is cropped away first.
         """
         size = _resolve_size(images, output_size)
         features = self._unit_features(images)
         cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
         logits = self.logit_scale * cosine + self.logit_bias
+        logits = self._crop_padding(logits, images.shape[-2:])
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _crop_padding(self, logits: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+        """Drop the part of the grid that covers the backbone's bottom/right padding.
+
+        Backbones pad images to a multiple of the patch size p, so the last row/column of
+        cells may reach past the image. The logits are then upsampled to the padded size and
+        cropped to the image, so that every output pixel maps to the right place.
+        """
+        patch = getattr(self.features, "patch_size", None)
+        height, width = image_size
+        rows, cols = logits.shape[-2:]
+        if patch is None or (rows * patch, cols * patch) == (height, width):
+            return logits
+        padded = F.interpolate(
+            logits, size=(rows * patch, cols * patch), mode="bilinear", align_corners=False
+        )
+        return padded[..., :height, :width]
 
     def logits(
         self, images: torch.Tensor, output_size: Sequence[int] | None = None

@@ -7,13 +7,11 @@ The config layout is that of ``configs/train.yaml``: ``backbone``, ``train.unfre
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -21,12 +19,13 @@ from ..data.images import list_images
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
 from ..models import SlidingWindowTeacher, create_backbone
+from ..utils import autocast_for
 from .augment import AugmentationRecipe
 from .cache import TeacherFeatureCache, teacher_identity
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import build_heldout_sets
 from .targets import fill_teacher_cache
-from .trainer import Distiller, OptimSettings, TrainerSettings, autocast_dtype
+from .trainer import Distiller, OptimSettings, TrainerSettings
 
 TEACHER_MODES = ("cached", "online")
 
@@ -110,10 +109,7 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
 
 
 def _teacher_autocast(setup: DistillationSetup):
-    dtype = autocast_dtype(setup.config["trainer"]["precision"], setup.context.device)
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(setup.context.device.type, dtype=dtype)
+    return autocast_for(setup.config["trainer"]["precision"], setup.context.device)
 
 
 def fill_cache(setup: DistillationSetup) -> dict[str, Any]:

@@ -31,12 +31,12 @@ from tqdm import tqdm
 from ..distributed import DistributedContext
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..utils import PRECISIONS, autocast_dtype
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, pass_through
 from .heldout import HeldoutSet, agreement
 from .targets import teacher_map
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -115,14 +115,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (``None``: full float32)."""
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def epoch_order(

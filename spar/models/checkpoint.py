@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path
-from .weights import WeightLoadingError
+from .weights import WeightLoadingError, load_state_dict_strict
 
 CHECKPOINT_FORMAT = "spar-checkpoint-v1"
 
@@ -118,3 +118,157 @@ def load_checkpoint(
             target = expected[name]
             target.copy_(tensor.to(target.dtype))
     return metadata
+
+
+# -- released SPAR weights ---------------------------------------------------------------------
+
+LIGHTNING_PREFIX = "segmentor.net.model."
+MODEL_PREFIX = "model."
+# What a state dict needs to unpickle: tensor/storage rebuilders, dtypes, ordered dicts, numpy
+# scalars. Everything else becomes a placeholder; no other code is ever imported or called.
+_SAFE_MODULES = {
+    "torch._utils",
+    "torch._tensor",
+    "torch.storage",
+    "torch.nn.parameter",
+    "collections",
+    "numpy",
+    "numpy.core.multiarray",
+    "numpy._core.multiarray",
+    "_codecs",
+}
+_SAFE_BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "slice", "int", "float", "complex"}
+_SAFE_BUILTINS |= {"bool", "str", "bytes", "bytearray", "object"}
+
+
+class _Placeholder:
+    """Stands in for any class a checkpoint pickles that is not needed (e.g. Lightning hparams)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __setitem__(self, key, value) -> None:  # dict-like classes are rebuilt item by item
+        pass
+
+    def append(self, value) -> None:  # list-like classes likewise
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _PlaceholderUnpickler:
+    """A ``pickle_module`` for ``torch.load`` that never imports code outside torch/numpy.
+
+    Lightning checkpoints pickle their hyper-parameters and callbacks with classes from the
+    training code; those are replaced by inert placeholders, so reading the weights needs
+    neither that code nor trust in it.
+    """
+
+    import pickle as _pickle
+
+    class Unpickler(_pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module == "builtins" and name in _SAFE_BUILTINS:
+                return super().find_class(module, name)
+            if module in _SAFE_MODULES:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), type | torch.dtype):
+                return super().find_class(module, name)  # storage classes, dtypes, Size
+            return type(name, (_Placeholder,), {"__module__": f"placeholder.{module}"})
+
+    load = _pickle.load
+    loads = _pickle.loads
+
+
+def _torch_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - e.g. Lightning hparams: retry without importing their code
+        pass
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_PlaceholderUnpickler
+        )
+    except Exception as error:  # noqa: BLE001 - re-raised naming the file
+        raise WeightLoadingError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
+        return tensors or None
+    return None
+
+
+def read_released_weights(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Detect the format of a released SPAR weight file and map its keys onto ours.
+
+    Formats:
+        ``lightning``: a PyTorch Lightning ``.ckpt`` whose ``state_dict`` holds the model under
+            ``segmentor.net.model.<name>`` (other entries are ignored);
+        ``plain``: a state dict (torch file or safetensors) with keys ``model.<name>``.
+    ``<name>`` is a parameter name of the open_clip (or dino.txt) model, so both map to our
+    ``model.<name>``.
+
+    Returns:
+        (format, state dict with our key names).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadingError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        content: Any = load_file(str(path))
+    else:
+        content = _torch_file(path)
+    state = _tensor_dict(content.get("state_dict")) if isinstance(content, dict) else None
+    if state is not None and any(k.startswith(LIGHTNING_PREFIX) for k in state):
+        mapped = {
+            MODEL_PREFIX + k[len(LIGHTNING_PREFIX) :]: v
+            for k, v in state.items()
+            if k.startswith(LIGHTNING_PREFIX)
+        }
+        return "lightning", mapped
+    state = state or _tensor_dict(content)
+    if state is not None and any(k.startswith(MODEL_PREFIX) for k in state):
+        return "plain", {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    sample = ", ".join(list(state or (content if isinstance(content, dict) else {}))[:5])
+    raise WeightLoadingError(
+        f"{path}: unrecognised checkpoint format (keys start with: {sample or 'nothing'}); "
+        f"expected a SPAR checkpoint, a Lightning .ckpt with '{LIGHTNING_PREFIX}*' keys in its "
+        f"state_dict, or a state dict with '{MODEL_PREFIX}*' keys"
+    )
+
+
+def is_spar_checkpoint(path: str | Path) -> bool:
+    """True for a safetensors file written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable: not ours; the caller reports it
+        return False
+
+
+def load_any_checkpoint(
+    backbone: nn.Module, path: str | Path, expected_name: str | None = None
+) -> dict[str, Any]:
+    """Load a SPAR checkpoint (ours) or released SPAR weights (Lightning / plain) into ``backbone``.
+
+    Our checkpoints hold the trained parameters only and are loaded on top of the pretrained
+    weights; released weights hold the whole model (vision and text) and must fit it exactly.
+    Returns ``{"format": ..., ...}``; mismatches raise ``WeightLoadingError`` listing the
+    missing, unexpected and mis-shaped keys.
+    """
+    if is_spar_checkpoint(path):
+        return {"format": "spar", **load_checkpoint(backbone, path, expected_name)}
+    fmt, state = read_released_weights(path)
+    load_state_dict_strict(backbone, state, source=f"{path} ({fmt} format)")
+    return {"format": fmt, "tensors": len(state)}

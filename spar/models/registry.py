@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import DenseBackbone, TrainableBlocks
-from .checkpoint import load_checkpoint
+from .checkpoint import load_any_checkpoint
 
 _DEFAULT = object()  # "use the backbone's default pretrained weights"
 
@@ -68,8 +68,9 @@ def create_backbone(
             local weight file (state dict or safetensors).
         trainable_blocks: which vision blocks keep ``requires_grad``: ``"last-N"`` (default
             ``"last-2"``), ``"all"``, ``"none"`` or a list of block indices.
-        checkpoint: a SPAR checkpoint (``.safetensors`` written by training) loaded on top of
-            the pretrained weights; it must have been trained for backbone ``name``.
+        checkpoint: a SPAR checkpoint (``.safetensors`` written by training, loaded on top of
+            the pretrained weights; it must have been trained for backbone ``name``) or released
+            SPAR weights (Lightning ``.ckpt`` or a plain ``model.*`` state dict; whole model).
         **overrides: family-specific options (e.g. ``tokenizer=`` for offline text encoding,
             ``width=``/``depth=`` for the tiny models).
     """
@@ -90,7 +91,7 @@ def create_backbone(
         "options": {k: v for k, v in overrides.items() if _is_json(v)},
     }
     if checkpoint is not None:
-        load_checkpoint(backbone, checkpoint, expected_name=name)
+        load_any_checkpoint(backbone, checkpoint, expected_name=name)
     backbone.set_trainable_blocks(trainable_blocks)
     return backbone.eval()
 
