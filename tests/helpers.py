@@ -29,3 +29,74 @@ def write_scene_images(folder: Path, count: int = 5, size: tuple[int, int] = (24
             shape([x, y, x + w, y + h], fill=colour)
         image.save(folder / f"scene_{index:02d}.jpg", quality=92)
     return folder
+
+
+# Raw label values as the preparation scripts write them: (largest class value, uses 255).
+RAW_LABELS = {
+    "voc21": (20, True),
+    "voc20": (20, True),
+    "context60": (59, False),
+    "context59": (59, False),
+    "coco_object": (80, True),
+    "coco_stuff": (170, True),
+    "cityscapes": (18, True),
+    "ade20k": (150, False),
+}
+
+
+def _label_image(raw: np.ndarray, name: str) -> Image.Image:
+    image = Image.fromarray(raw.astype(np.uint8), mode="L")
+    if name.startswith("voc"):  # VOC ships palette PNGs: the indices are the class ids
+        image = image.convert("P")
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, (i * 7) % 256)])
+    return image
+
+
+def write_benchmark(
+    name: str, root: Path, count: int = 3, size: tuple[int, int] = (48, 64), seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A tiny split of benchmark ``name`` in its on-disk layout under ``root``.
+
+    Returns the raw label arrays by image name (before any conversion).
+    """
+    rng = np.random.default_rng(seed)
+    largest, uses_ignore = RAW_LABELS[name]
+    labels = {}
+    for index in range(count):
+        raw = rng.integers(0, largest + 1, size)
+        raw[:, : size[1] // 4] = rng.integers(0, 3)  # a large region of one low class
+        if uses_ignore:
+            raw[0, :5] = 255
+        pixels = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+        if name in ("voc21", "voc20", "context60", "context59"):
+            stem = f"2008_{index:06d}"
+            labels_dir = (
+                "SegmentationClass" if name.startswith("voc") else "SegmentationClassContext"
+            )
+            split_dir = "Segmentation" if name.startswith("voc") else "SegmentationContext"
+            image_path = root / "JPEGImages" / f"{stem}.jpg"
+            label_path = root / labels_dir / f"{stem}.png"
+            split = root / "ImageSets" / split_dir / "val.txt"
+            split.parent.mkdir(parents=True, exist_ok=True)
+            with split.open("a") as file:
+                file.write(stem + "\n")
+        elif name in ("coco_object", "coco_stuff"):
+            stem = f"{index:012d}"
+            suffix = "_instanceTrainIds.png" if name == "coco_object" else "_labelTrainIds.png"
+            image_path = root / "images" / "val2017" / f"{stem}.jpg"
+            label_path = root / "annotations" / "val2017" / f"{stem}{suffix}"
+        elif name == "cityscapes":
+            city = ["frankfurt", "lindau"][index % 2]
+            stem = f"{city}_000000_{index:06d}"
+            image_path = root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png"
+            label_path = root / "gtFine" / "val" / city / f"{stem}_gtFine_labelTrainIds.png"
+        else:
+            stem = f"ADE_val_{index:08d}"
+            image_path = root / "images" / "validation" / f"{stem}.jpg"
+            label_path = root / "annotations" / "validation" / f"{stem}.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        pixels.save(image_path)
+        _label_image(raw, name).save(label_path)
+        labels[stem] = raw
+    return labels

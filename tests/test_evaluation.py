@@ -1,0 +1,158 @@
+"""Evaluation end to end on tiny datasets in every layout: the reported mIoU equals the one
+recomputed from the saved prediction PNGs; protocol configs; eval.py in both modes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import CONFIGS, ROOT, write_benchmark
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from spar.data.benchmarks import BENCHMARKS, SegmentationBenchmark
+from spar.distributed import register_run_id_resolver
+from spar.evaluation import (
+    evaluate_benchmark,
+    prediction_to_png,
+    read_prediction_png,
+    run_evaluation,
+)
+from spar.metrics import MeanIoU
+from spar.segmentation import OpenVocabSegmenter
+
+register_run_id_resolver()
+
+
+def eval_config(*overrides):
+    base = ["device=cpu", "num_workers=0", "show_progress=false", "dataset.bounds=[128,96]"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=base + list(overrides))
+
+
+def miou_from_pngs(name, root, predictions):
+    dataset = SegmentationBenchmark(name, root)
+    metric = MeanIoU(dataset.num_classes)
+    for item in dataset:
+        metric.update(read_prediction_png(predictions / f"{item['name']}.png"), item["label"])
+    return 100 * metric.compute().miou, metric
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_reported_miou_equals_the_saved_predictions(tmp_path, name):
+    write_benchmark(name, tmp_path / "data")
+    cfg = eval_config(
+        f"dataset={name}", f"dataset.root={tmp_path / 'data'}", "save_predictions=true"
+    )
+    results = run_evaluation(cfg, tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert written["num_images"] == 3 and written["mode"] == "single"
+    assert len(written["per_class_iou"]) == BENCHMARKS[name].num_classes
+    recomputed, metric = miou_from_pngs(name, tmp_path / "data", tmp_path / "run" / "predictions")
+    assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
+    assert written["aacc"] == pytest.approx(100 * metric.compute().aacc, abs=1e-9)
+    assert results["config"]["dataset"]["name"] == name
+    for key in (
+        "miou",
+        "aacc",
+        "per_class_iou",
+        "num_images",
+        "mode",
+        "images_per_second",
+        "config",
+    ):
+        assert key in written
+
+
+@pytest.mark.parametrize("name", ["voc21", "cityscapes"])
+def test_slide_mode_uses_the_teacher(tmp_path, name):
+    write_benchmark(name, tmp_path / "data")
+    common = [f"dataset={name}", f"dataset.root={tmp_path / 'data'}", "save_predictions=true"]
+    slide = run_evaluation(
+        eval_config(*common, "mode=slide", "slide.window=64", "slide.stride=24"), tmp_path / "slide"
+    )
+    single = run_evaluation(eval_config(*common), tmp_path / "single")
+    assert slide["mode"] == "slide" and single["mode"] == "single"
+    recomputed, _ = miou_from_pngs(name, tmp_path / "data", tmp_path / "slide" / "predictions")
+    assert slide["miou"] == pytest.approx(recomputed, abs=1e-9)
+    slide_pngs = sorted((tmp_path / "slide" / "predictions").iterdir())
+    single_pngs = sorted((tmp_path / "single" / "predictions").iterdir())
+    assert any(
+        not np.array_equal(read_prediction_png(a), read_prediction_png(b))
+        for a, b in zip(slide_pngs, single_pngs, strict=True)
+    )
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path):
+    write_benchmark("ade20k", tmp_path / "data")
+    broken = sorted((tmp_path / "data" / "images" / "validation").iterdir())[1]
+    broken.write_bytes(b"not a jpeg")
+    cfg = eval_config("dataset=ade20k", f"dataset.root={tmp_path / 'data'}")
+    with pytest.warns(UserWarning, match=broken.name):
+        results = run_evaluation(cfg, tmp_path / "run")
+    assert results["num_images"] == 2 and results["skipped_images"] == 1
+    assert results["skipped_files"] == [str(broken)]
+
+
+def test_protocol_settings_follow_the_paper():
+    def dataset(name):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return OmegaConf.to_container(compose("eval", [f"dataset={name}"]).dataset)
+
+    voc21, context60, cityscapes = dataset("voc21"), dataset("context60"), dataset("cityscapes")
+    assert (voc21["logit_scale"], voc21["prob_threshold"], voc21["area_threshold"]) == (
+        65,
+        0.1,
+        0.1,
+    )
+    assert (context60["logit_scale"], context60["prob_threshold"]) == (50, 0.1)
+    assert context60["area_threshold"] is None
+    assert cityscapes["bounds"] == [2048, 1024]
+    for name in ("voc20", "context59", "coco_object", "coco_stuff", "ade20k"):
+        settings = dataset(name)
+        assert settings["logit_scale"] == 40 and settings["bounds"] == [2048, 672]
+        assert settings["prob_threshold"] is None and settings["area_threshold"] is None
+    for name in BENCHMARKS:
+        assert dataset(name)["name"] == name
+
+
+def test_class_count_mismatch_is_an_error(tmp_path, tiny_backbone):
+    write_benchmark("cityscapes", tmp_path)
+    dataset = SegmentationBenchmark("cityscapes", tmp_path)
+    segmenter = OpenVocabSegmenter.from_backbone(tiny_backbone, ["road", "sky"])
+    with pytest.raises(ValueError, match="2 class names for cityscapes"):
+        evaluate_benchmark(segmenter, dataset, tiny_backbone.mean, tiny_backbone.std)
+
+
+def test_prediction_png_round_trip(tmp_path):
+    prediction = torch.randint(0, 171, (5, 7))
+    prediction_to_png(prediction).save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_prediction_png(tmp_path / "p.png"), prediction.numpy())
+
+
+@pytest.mark.parametrize("mode", ["single", "slide"])
+def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
+    write_benchmark("voc21", tmp_path / "voc")
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "eval.py"),
+        "dataset=voc21",
+        f"dataset.root={tmp_path / 'voc'}",
+        "dataset.bounds=[128,96]",
+        f"mode={mode}",
+        "slide.window=64",
+        "save_predictions=true",
+        "num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aeroplane" in result.stdout and "mIoU" in result.stdout
+    written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert written["mode"] == mode and written["config"]["dataset"]["logit_scale"] == 65
+    recomputed, _ = miou_from_pngs("voc21", tmp_path / "voc", tmp_path / "run" / "predictions")
+    assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
