@@ -268,7 +268,7 @@ def load_any_checkpoint(
     missing, unexpected and mis-shaped keys.
     """
     if is_spar_checkpoint(path):
-        return {"format": "spar", **load_checkpoint(backbone, path, expected_name)}
+        return {**load_checkpoint(backbone, path, expected_name), "format": "spar"}
     fmt, state = read_released_weights(path)
     load_state_dict_strict(backbone, state, source=f"{path} ({fmt} format)")
     return {"format": fmt, "tensors": len(state)}
