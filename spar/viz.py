@@ -1,13 +1,21 @@
-"""Pictures: class palettes, segmentation overlays with a legend, PCA views of dense features."""
+"""Pictures: class palettes, segmentation overlays with a legend, PCA views of dense features.
+
+``segmentation_picture`` and ``feature_picture`` do a whole image in one call.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from .data.images import load_image, resize_to_fit, to_model_input
+from .segmentation import OpenVocabSegmenter, parse_classes
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -121,3 +129,70 @@ def side_by_side(
         canvas.paste(picture, (left, title_height))
         left += picture.width + gap
     return canvas
+
+
+def _prepared(
+    backbone: nn.Module, image: str | Path | torch.Tensor, bounds: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image in [0, 1] resized to fit ``bounds``, normalised (1, 3, H, W) on the device)."""
+    pixels = load_image(image) if isinstance(image, str | Path) else image
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"image must be a path or a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    if bounds is not None:
+        pixels = resize_to_fit(pixels, bounds)
+    device = next(backbone.parameters()).device
+    return pixels, to_model_input(pixels, backbone.mean, backbone.std).to(device)
+
+
+@torch.no_grad()
+def segmentation_picture(
+    backbone: nn.Module,
+    image: str | Path | torch.Tensor,
+    classes: Sequence[str | Sequence[str]],
+    *,
+    dense: nn.Module | None = None,
+    bounds: Sequence[int] | None = (2048, 672),
+    logit_scale: float = 40.0,
+    prob_threshold: float | None = None,
+    area_threshold: float | None = None,
+) -> tuple[Image.Image, torch.Tensor]:
+    """Segment one image with class names; returns (overlay with a legend, (H, W) class mask).
+
+    Args:
+        backbone: a dense backbone (its single pass and its text encoder are used).
+        image: an image file or a (3, H, W) tensor in [0, 1]; resized to fit ``bounds``
+            (long, short) keeping its aspect ratio (``None``: as it is).
+        classes: class entries, each a name or synonyms (``"person, pedestrian"``).
+        dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
+    """
+    pixels, inputs = _prepared(backbone, image, bounds)
+    segmenter = OpenVocabSegmenter.from_backbone(
+        backbone,
+        classes,
+        dense=dense,
+        logit_scale=logit_scale,
+        prob_threshold=prob_threshold,
+        area_threshold=area_threshold,
+    )
+    mask = segmenter.predict(inputs)[0].cpu()
+    names = [synonyms[0] for synonyms in parse_classes(classes)]
+    return overlay(pixels, mask, names), mask
+
+
+@torch.no_grad()
+def feature_picture(
+    backbone: nn.Module,
+    image: str | Path | torch.Tensor,
+    *,
+    teacher: nn.Module | None = None,
+    bounds: Sequence[int] | None = (2048, 672),
+) -> Image.Image:
+    """The image beside the PCA of its dense features (and of ``teacher``'s, one colour basis)."""
+    pixels, inputs = _prepared(backbone, image, bounds)
+    maps = [backbone(inputs)[0].float()]
+    titles = ["image", "single pass"]
+    if teacher is not None:
+        maps.append(teacher(inputs)[0].float())
+        titles.append("sliding-window teacher")
+    pictures = pca_rgb(maps, size=tuple(pixels.shape[-2:]))
+    return side_by_side([to_pil(pixels), *(to_pil(p) for p in pictures)], titles)
