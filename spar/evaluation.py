@@ -9,6 +9,7 @@ argmax (after optional background thresholds) is counted in a confusion matrix o
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -226,3 +227,33 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     if context.is_main:
         atomic_write_json(out_dir / "eval_results.json", results)
     return results
+
+
+def _row_label(results: dict[str, Any]) -> str:
+    config = results.get("config", {})
+    backbone = config.get("backbone", {}).get("name", "?")
+    if results.get("mode") == "slide":
+        return f"{backbone} teacher (stride {config.get('slide', {}).get('stride')})"
+    checkpoint = config.get("checkpoint")
+    return f"{backbone} SPAR ({Path(checkpoint).name})" if checkpoint else f"{backbone} single pass"
+
+
+def collect_results(root: str | Path) -> str:
+    """A markdown table of every ``eval_results.json`` under ``root``: one row per backbone,
+    mode and checkpoint, one column per dataset, plus their mean (mIoU, percent)."""
+    rows: dict[str, dict[str, float]] = {}
+    for path in sorted(Path(root).rglob("eval_results.json")):
+        results = json.loads(path.read_text())
+        rows.setdefault(_row_label(results), {})[results["dataset"]] = results["miou"]
+    if not rows:
+        raise FileNotFoundError(f"no eval_results.json under {root}")
+    datasets = sorted({name for row in rows.values() for name in row})
+    lines = [
+        "| setting | " + " | ".join(datasets) + " | mean |",
+        "|---|" + "---|" * (len(datasets) + 1),
+    ]
+    for label, row in rows.items():
+        cells = [f"{row[d]:.1f}" if d in row else "" for d in datasets]
+        mean = f"{sum(row.values()) / len(row):.1f}" if len(row) == len(datasets) else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)

@@ -156,3 +156,28 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
     assert written["mode"] == mode and written["config"]["dataset"]["logit_scale"] == 65
     recomputed, _ = miou_from_pngs("voc21", tmp_path / "voc", tmp_path / "run" / "predictions")
     assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
+
+
+def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
+    from spar.evaluation import collect_results
+
+    def write(folder, dataset, mode, miou, checkpoint=None):
+        config = {
+            "backbone": {"name": "siglip2"},
+            "checkpoint": checkpoint,
+            "slide": {"stride": 24},
+        }
+        payload = {"dataset": dataset, "mode": mode, "miou": miou, "config": config}
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "eval_results.json").write_text(json.dumps(payload))
+
+    write("a", "voc20", "single", 71.3)
+    write("b", "ade20k", "single", 16.8)
+    write("c", "voc20", "slide", 77.5)
+    write("d", "voc20", "single", 81.5, checkpoint="/ckpt/spar_siglip2.ckpt")
+    write("e", "ade20k", "single", 23.4, checkpoint="/ckpt/spar_siglip2.ckpt")
+    table = collect_results(tmp_path).splitlines()
+    assert table[0] == "| setting | ade20k | voc20 | mean |"
+    assert "| siglip2 single pass | 16.8 | 71.3 | 44.0 |" in table
+    assert "| siglip2 teacher (stride 24) |  | 77.5 |  |" in table
+    assert "| siglip2 SPAR (spar_siglip2.ckpt) | 23.4 | 81.5 | 52.5 |" in table
