@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from spar.data.benchmarks import BENCHMARKS, SegmentationBenchmark
 from spar.distributed import register_run_id_resolver
 from spar.evaluation import (
+    collect_results,
     evaluate_benchmark,
     prediction_to_png,
     read_prediction_png,
@@ -159,8 +160,6 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
 
 
 def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
-    from spar.evaluation import collect_results
-
     def write(folder, dataset, mode, miou, checkpoint=None):
         config = {
             "backbone": {"name": "siglip2"},
