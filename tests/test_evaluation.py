@@ -42,30 +42,48 @@ def miou_from_pngs(name, root, predictions):
     return 100 * metric.compute().miou, metric
 
 
-@pytest.mark.parametrize("name", sorted(BENCHMARKS))
-def test_reported_miou_equals_the_saved_predictions(tmp_path, name):
-    write_benchmark(name, tmp_path / "data")
-    cfg = eval_config(
-        f"dataset={name}", f"dataset.root={tmp_path / 'data'}", "save_predictions=true"
-    )
+def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
+    """One eval.py sweep: every dataset layout, single and slide; each reported mIoU equals the
+    mIoU recomputed from its saved prediction PNGs."""
+    for name in BENCHMARKS:
+        write_benchmark(name, tmp_path / "data" / name)
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "eval.py"),
+        "--multirun",
+        f"dataset={','.join(sorted(BENCHMARKS))}",
+        "mode=single,slide",
+        f"dataset.root={tmp_path / 'data'}/${{dataset.name}}",
+        "dataset.bounds=[128,96]",
+        "slide.window=64",
+        "save_predictions=true",
+        "num_workers=0",
+        "show_progress=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in BENCHMARKS:
+        for mode in ("single", "slide"):
+            run = tmp_path / "sweep" / f"{name}-tiny-{mode}"
+            written = json.loads((run / "eval_results.json").read_text())
+            assert (written["dataset"], written["mode"], written["num_images"]) == (name, mode, 3)
+            assert len(written["per_class_iou"]) == BENCHMARKS[name].num_classes
+            for key in ("miou", "aacc", "per_class_iou", "images_per_second", "config"):
+                assert key in written
+            recomputed, metric = miou_from_pngs(name, tmp_path / "data" / name, run / "predictions")
+            assert written["miou"] == pytest.approx(recomputed, abs=1e-9), (name, mode)
+            assert written["aacc"] == pytest.approx(100 * metric.compute().aacc, abs=1e-9)
+
+
+def test_run_evaluation_from_python(tmp_path):
+    write_benchmark("ade20k", tmp_path / "data")
+    cfg = eval_config("dataset=ade20k", f"dataset.root={tmp_path / 'data'}")
     results = run_evaluation(cfg, tmp_path / "run")
-    written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
-    assert written["num_images"] == 3 and written["mode"] == "single"
-    assert len(written["per_class_iou"]) == BENCHMARKS[name].num_classes
-    recomputed, metric = miou_from_pngs(name, tmp_path / "data", tmp_path / "run" / "predictions")
-    assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
-    assert written["aacc"] == pytest.approx(100 * metric.compute().aacc, abs=1e-9)
-    assert results["config"]["dataset"]["name"] == name
-    for key in (
-        "miou",
-        "aacc",
-        "per_class_iou",
-        "num_images",
-        "mode",
-        "images_per_second",
-        "config",
-    ):
-        assert key in written
+    assert results["config"]["dataset"]["name"] == "ade20k" and results["num_images"] == 3
+    assert (tmp_path / "run" / "eval_results.json").is_file()
+    assert not (tmp_path / "run" / "predictions").exists()
 
 
 @pytest.mark.parametrize("name", ["voc21", "cityscapes"])
@@ -180,3 +198,34 @@ def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
     assert "| siglip2 single pass | 16.8 | 71.3 | 44.0 |" in table
     assert "| siglip2 teacher (stride 24) |  | 77.5 |  |" in table
     assert "| siglip2 SPAR (spar_siglip2.ckpt) | 23.4 | 81.5 | 52.5 |" in table
+
+
+def test_two_process_evaluation_sums_the_shards(tmp_path):
+    write_benchmark("cityscapes", tmp_path / "data", count=5)
+    common = [
+        "dataset=cityscapes",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.bounds=[128,96]",
+        "device=cpu",
+        "num_workers=0",
+        "show_progress=false",
+    ]
+    single = run_evaluation(eval_config(*common[1:], "dataset=cityscapes"), tmp_path / "one")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "scripts" / "eval.py"),
+        *common,
+        f"hydra.run.dir={tmp_path / 'two'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("mIoU") == 1  # rank 0 prints
+    sharded = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert sharded["num_images"] == 5
+    assert sharded["miou"] == pytest.approx(single["miou"], abs=1e-9)
+    assert sharded["per_class_iou"] == pytest.approx(single["per_class_iou"], abs=1e-9, nan_ok=True)
