@@ -109,7 +109,11 @@ def evaluate_benchmark(
     metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
     shard = list(range(context.rank, len(dataset), context.world_size))
     loader = DataLoader(
-        Subset(dataset, shard), batch_size=None, num_workers=num_workers, collate_fn=_pass_through
+        Subset(dataset, shard),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_pass_through,
+        pin_memory=device.type == "cuda",
     )
     skipped, evaluated = [], 0
     start = time.perf_counter()

@@ -185,3 +185,16 @@ def test_bad_images_are_rejected(patch_average_backbone):
     teacher = SlidingWindowTeacher(patch_average_backbone)
     with pytest.raises(ValueError, match="shape"):
         teacher(torch.rand(3, 64, 64))
+
+
+@pytest.mark.parametrize("stride", [16, 24, 40])
+def test_batched_gather_and_scatter_equal_one_window_at_a_time_exactly(
+    patch_average_backbone, stride
+):
+    images = torch.rand(2, 3, 120, 170)
+    one_by_one = SlidingWindowTeacher(patch_average_backbone, stride=stride, batch_size=1)(images)
+    batched = SlidingWindowTeacher(patch_average_backbone, stride=stride, batch_size=1000)(images)
+    assert torch.equal(one_by_one, batched)
+    for index in range(2):
+        reference = reference_stitch(patch_average_backbone, images[index : index + 1], 64, stride)
+        torch.testing.assert_close(batched[index : index + 1], reference, rtol=1e-6, atol=1e-6)

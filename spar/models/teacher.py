@@ -198,17 +198,37 @@ class SlidingWindowTeacher(nn.Module):
         return canvas
 
     def _accumulate(self, images: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-        """Sum of upsampled window maps on the cell canvas, (B, C, rows, cols) in float32."""
-        batch = images.shape[0]
+        """Sum of upsampled window maps on the cell canvas, (B, C, rows, cols) in float32.
+
+        Windows of all images form one job list; each chunk of ``batch_size`` jobs is cut out
+        with one gather, run through the backbone, and scattered into the canvas with one
+        ``index_add_`` (no Python loop over windows).
+        """
+        batch, channels = images.shape[:2]
         rows, cols = layout.canvas_size
         cells_per_image = rows * cols
-        window_indices = layout.cell_indices().to(images.device)
-        jobs = [(b, w, *origin) for b in range(batch) for w, origin in enumerate(layout.origins)]
-        canvas = None
+        device = images.device
+        window_cells = layout.cell_indices().to(device)  # (W, cells of one window)
+        origins = torch.tensor(layout.origins, device=device)  # (W, 2)
+        num_windows = len(layout.origins)
+        job_image = torch.arange(batch, device=device).repeat_interleave(num_windows)
+        job_window = torch.arange(num_windows, device=device).repeat(batch)
         wh, ww = layout.window
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start : start + self.batch_size]
-            crops = torch.stack([images[b, :, y : y + wh, x : x + ww] for b, _, y, x in chunk])
+        row_offsets = torch.arange(wh, device=device)
+        col_offsets = torch.arange(ww, device=device)
+        channel_index = torch.arange(channels, device=device).view(1, -1, 1, 1)
+        canvas = None
+        for start in range(0, len(job_image), self.batch_size):
+            image_ids = job_image[start : start + self.batch_size]
+            window_ids = job_window[start : start + self.batch_size]
+            top = origins[window_ids, 0, None] + row_offsets  # (n, wh)
+            left = origins[window_ids, 1, None] + col_offsets  # (n, ww)
+            crops = images[
+                image_ids.view(-1, 1, 1, 1),
+                channel_index,
+                top[:, None, :, None],
+                left[:, None, None, :],
+            ]
             features = self.backbone(crops).float()
             if layout.factor != (1, 1):
                 features = F.interpolate(
@@ -216,7 +236,7 @@ class SlidingWindowTeacher(nn.Module):
                 )
             if canvas is None:
                 canvas = features.new_zeros(batch * cells_per_image, features.shape[1])
-            targets = torch.stack([window_indices[w] + b * cells_per_image for b, w, _, _ in chunk])
+            targets = window_cells[window_ids] + (image_ids * cells_per_image)[:, None]
             flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
             canvas.index_add_(0, targets.flatten(), flat)
         return canvas.view(batch, rows, cols, -1).permute(0, 3, 1, 2)

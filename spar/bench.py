@@ -1,0 +1,416 @@
+"""Speed of the student, the teacher and a training step: medians of synchronised timings,
+FLOP counts, achieved TFLOP/s against the measured matmul peak, peak memory, bf16 accuracy.
+
+``scripts/bench.py`` (Hydra config ``configs/bench.yaml``) prints :func:`format_table` and writes
+``bench_results.json`` and ``bench_strides.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .io import atomic_save_image
+from .models import SlidingWindowTeacher
+from .utils import autocast_for
+
+GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
+CPU_SIZES = ((224, 224), (448, 448), (448, 896))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    function: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> dict[str, float]:
+    """Median, min and max seconds of ``function()`` after ``warmup`` calls, synchronised."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def peak_memory(function: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes allocated on a CUDA device while ``function()`` runs (``None`` on CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    function()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def count_flops(function: Callable[[], Any]) -> int:
+    """FLOPs of ``function()`` (matmuls, convolutions, attention) by torch's FLOP counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """Measured dense matmul throughput (TFLOP/s): square matmuls of 8192 on GPU, 1024 on CPU."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = time_call(lambda: a @ b, device, warmup=3, repeats=repeats)
+    return 2 * size**3 / timing["median_s"] / 1e12
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """||value - reference|| / ||reference|| in float32."""
+    value, reference = value.float(), reference.float()
+    return (
+        torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference)
+    ).item()
+
+
+def _images(batch: int, size: Sequence[int], device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, *size, generator=generator).to(device)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def bench_student(
+    backbone: nn.Module,
+    size: Sequence[int],
+    device: torch.device,
+    precision: str,
+    batch_sizes: Sequence[int],
+    warmup: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Single-pass latency at batch 1 and the best throughput over ``batch_sizes``."""
+    autocast = autocast_for(precision, device)
+
+    def run(images):
+        with torch.no_grad(), autocast():
+            return backbone(images)
+
+    one = _images(1, size, device)
+    latency = time_call(lambda: run(one), device, warmup, repeats)
+    flops = count_flops(lambda: run(one))
+    best = {"batch": 1, "images_per_second": 1 / latency["median_s"]}
+    for batch in batch_sizes:
+        if batch == 1:
+            continue
+        try:
+            images = _images(batch, size, device)
+            timing = time_call(lambda images=images: run(images), device, 1, max(2, repeats // 2))
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not _is_oom(error):
+                raise
+            torch.cuda.empty_cache()
+            break
+        rate = batch / timing["median_s"]
+        if rate > best["images_per_second"]:
+            best = {"batch": batch, "images_per_second": rate}
+    return {
+        "latency_s": latency["median_s"],
+        "flops": flops,
+        "tflops_batch1": flops / latency["median_s"] / 1e12,
+        "best_batch": best["batch"],
+        "best_images_per_second": best["images_per_second"],
+        "tflops_best": flops * best["images_per_second"] / 1e12,
+        "peak_memory_bytes": peak_memory(lambda: run(one), device),
+    }
+
+
+def bench_teacher(
+    backbone: nn.Module,
+    size: Sequence[int],
+    stride: int,
+    device: torch.device,
+    precision: str,
+    window_batch: int,
+    warmup: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Sliding-window teacher time per image (window = native size) and its FLOPs."""
+    teacher = SlidingWindowTeacher(backbone, stride=stride, batch_size=window_batch)
+    autocast = autocast_for(precision, device)
+    image = _images(1, size, device)
+
+    def run():
+        with torch.no_grad(), autocast():
+            return teacher(image)
+
+    timing = time_call(run, device, warmup, repeats)
+    flops = count_flops(run)
+    return {
+        "stride": stride,
+        "windows": teacher.num_windows(*size),
+        "seconds": timing["median_s"],
+        "flops": flops,
+        "tflops": flops / timing["median_s"] / 1e12,
+        "peak_memory_bytes": peak_memory(run, device),
+    }
+
+
+def bench_training_step(
+    backbone: nn.Module,
+    size: Sequence[int],
+    stride: int,
+    device: torch.device,
+    precision: str,
+    batch_sizes: Sequence[int],
+    warmup: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Images/s of a distillation step (forward, MSE, backward, AdamW) with cached targets at
+    each batch size (same-size views, as size buckets give), and with the online teacher."""
+    student = copy.deepcopy(backbone).train()
+    student.set_trainable_blocks("last-2")
+    teacher = SlidingWindowTeacher(backbone, stride=stride)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-9)
+    autocast = autocast_for(precision, device)
+
+    def step(images, targets):
+        with autocast():
+            loss = F.mse_loss(student(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with torch.no_grad(), autocast():
+        target = teacher(_images(1, size, device)).float()
+    cached = {}
+    for batch in batch_sizes:
+        images = _images(batch, size, device)
+        targets = target.expand(batch, -1, -1, -1).contiguous()
+        try:
+            timing = time_call(lambda i=images, t=targets: step(i, t), device, warmup, repeats)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not _is_oom(error):
+                raise
+            torch.cuda.empty_cache()
+            break
+        cached[batch] = batch / timing["median_s"]
+    one = _images(1, size, device)
+
+    def online_step():
+        with torch.no_grad(), autocast():
+            online_target = teacher(one).float()
+        step(one, online_target)
+
+    online = time_call(online_step, device, 1, max(2, repeats // 2))
+    return {
+        "cached_images_per_second": {str(b): rate for b, rate in cached.items()},
+        "cached_speedup_over_batch1": max(cached.values()) / cached[1] if cached else None,
+        "online_images_per_second": 1 / online["median_s"],
+        "peak_memory_bytes": peak_memory(lambda: step(one, target), device),
+    }
+
+
+def bench_accuracy(
+    backbone: nn.Module, size: Sequence[int], stride: int, device: torch.device, precision: str
+) -> dict[str, float]:
+    """Relative error of student and teacher maps at ``precision`` against float32."""
+    teacher = SlidingWindowTeacher(backbone, stride=stride)
+    image = _images(1, size, device)
+    autocast = autocast_for(precision, device)
+    with torch.no_grad():
+        student_ref, teacher_ref = backbone(image).float(), teacher(image)
+        with autocast():
+            student, stitched = backbone(image).float(), teacher(image).float()
+    return {
+        "student_relative_error": relative_error(student, student_ref),
+        "teacher_relative_error": relative_error(stitched, teacher_ref),
+    }
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "torch": torch.__version__, "machine": platform.machine()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["name"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def run_benchmark(
+    backbone: nn.Module,
+    device: torch.device,
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    strides: Sequence[int] = (224, 112, 56, 24),
+    precisions: Sequence[str] = ("fp32",),
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    train_batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    window_batch: int = 64,
+    warmup: int = 2,
+    repeats: int = 5,
+    compile_student: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every measurement for one backbone on one device; see the module docstring."""
+    sizes = [tuple(s) for s in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))]
+    backbone = backbone.to(device).eval()
+    student = torch.compile(backbone) if compile_student else backbone
+    results: dict[str, Any] = {"device": device_description(device), "precisions": {}}
+    for precision in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            precision, torch.float32
+        )
+        section: dict[str, Any] = {
+            "matmul_peak_tflops": matmul_peak_tflops(device, dtype),
+            "sizes": {},
+        }
+        for size in sizes:
+            name = f"{size[0]}x{size[1]}"
+            log(f"[{precision}] {name}: student")
+            student_row = bench_student(
+                student, size, device, precision, batch_sizes, warmup, repeats
+            )
+            teacher_rows = []
+            for stride in strides:
+                log(f"[{precision}] {name}: teacher stride {stride}")
+                teacher_rows.append(
+                    bench_teacher(
+                        backbone, size, stride, device, precision, window_batch, 1, repeats
+                    )
+                )
+            row = {"student": student_row, "teacher": teacher_rows}
+            for entry in row["teacher"]:
+                entry["time_ratio"] = entry["seconds"] / row["student"]["latency_s"]
+                entry["flop_ratio"] = entry["flops"] / row["student"]["flops"]
+            section["sizes"][name] = row
+        middle = sizes[len(sizes) // 2]
+        log(f"[{precision}] training step at {middle[0]}x{middle[1]}")
+        section["training"] = {
+            "size": list(middle),
+            **bench_training_step(
+                backbone, middle, strides[-1], device, precision, train_batch_sizes, 1, repeats
+            ),
+        }
+        if precision != "fp32":
+            section["accuracy"] = bench_accuracy(backbone, sizes[0], strides[-1], device, precision)
+        results["precisions"][precision] = section
+    return results
+
+
+def _percent(tflops: float, peak: float) -> str:
+    return f"{100 * tflops / peak:.0f}%" if peak else "-"
+
+
+def _memory(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The benchmark as plain-text tables (one block per precision)."""
+    device = results["device"]
+    lines = [f"device: {device['name']} ({device['device']}), torch {device['torch']}"]
+    for precision, section in results["precisions"].items():
+        peak = section["matmul_peak_tflops"]
+        lines += ["", f"== {precision}: measured matmul peak {peak:.2f} TFLOP/s =="]
+        lines.append(
+            f"{'student':<12}{'latency ms':>11}{'TFLOP/s':>9}{'%peak':>7}{'best batch':>11}"
+            f"{'img/s':>9}{'TFLOP/s':>9}{'%peak':>7}{'mem GiB':>9}"
+        )
+        for name, row in section["sizes"].items():
+            s = row["student"]
+            lines.append(
+                f"{name:<12}{1000 * s['latency_s']:>11.2f}{s['tflops_batch1']:>9.2f}"
+                f"{_percent(s['tflops_batch1'], peak):>7}{s['best_batch']:>11}"
+                f"{s['best_images_per_second']:>9.1f}{s['tflops_best']:>9.2f}"
+                f"{_percent(s['tflops_best'], peak):>7}{_memory(s['peak_memory_bytes']):>9}"
+            )
+        lines.append(
+            f"{'teacher':<12}{'stride':>7}{'windows':>9}{'s/img':>9}{'x student':>11}"
+            f"{'x FLOPs':>9}{'TFLOP/s':>9}{'%peak':>7}{'mem GiB':>9}"
+        )
+        for name, row in section["sizes"].items():
+            for t in row["teacher"]:
+                lines.append(
+                    f"{name:<12}{t['stride']:>7}{t['windows']:>9}{t['seconds']:>9.3f}"
+                    f"{t['time_ratio']:>11.1f}{t['flop_ratio']:>9.1f}{t['tflops']:>9.2f}"
+                    f"{_percent(t['tflops'], peak):>7}{_memory(t['peak_memory_bytes']):>9}"
+                )
+        training = section["training"]
+        cached = ", ".join(
+            f"batch {b}: {rate:.1f}" for b, rate in training["cached_images_per_second"].items()
+        )
+        lines.append(
+            f"training step at {training['size'][0]}x{training['size'][1]} (img/s): cached "
+            f"[{cached}] ({training['cached_speedup_over_batch1']:.1f}x batch 1); online teacher "
+            f"{training['online_images_per_second']:.2f}"
+        )
+        if "accuracy" in section:
+            accuracy = section["accuracy"]
+            lines.append(
+                f"relative error vs fp32: student {accuracy['student_relative_error']:.2e}, "
+                f"teacher {accuracy['teacher_relative_error']:.2e}"
+            )
+    return "\n".join(lines)
+
+
+def plot_strides(results: dict[str, Any], path: str, precision: str | None = None) -> None:
+    """Teacher seconds per image against stride (log scale), one line per size, with the
+    student's latency as a dashed line of the same colour; written as a PNG."""
+    precision = precision or next(iter(results["precisions"]))
+    sizes = results["precisions"][precision]["sizes"]
+    width, height, margin = 720, 440, 70
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    strides = sorted({t["stride"] for row in sizes.values() for t in row["teacher"]}, reverse=True)
+    values = [t["seconds"] for row in sizes.values() for t in row["teacher"]]
+    values += [row["student"]["latency_s"] for row in sizes.values()]
+    low, high = math.log10(min(values)) - 0.1, math.log10(max(values)) + 0.1
+
+    def x_of(stride):
+        return margin + strides.index(stride) * (width - 2 * margin) / max(1, len(strides) - 1)
+
+    def y_of(seconds):
+        return height - margin - (math.log10(seconds) - low) / (high - low) * (height - 2 * margin)
+
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for stride in strides:
+        draw.text((x_of(stride) - 8, height - margin + 6), str(stride), fill="black", font=font)
+    for exponent in range(math.floor(low), math.ceil(high) + 1):
+        if low <= exponent <= high:
+            y = y_of(10**exponent)
+            draw.line([margin - 4, y, margin, y], fill="black")
+            draw.text((6, y - 6), f"1e{exponent} s", fill="black", font=font)
+    draw.text((width // 2 - 40, height - margin + 22), "stride (px)", fill="black", font=font)
+    title = f"teacher seconds per image vs stride ({precision}); dashed: student single pass"
+    draw.text((margin, 20), title, fill="black", font=font)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for index, (name, row) in enumerate(sizes.items()):
+        colour = colours[index % len(colours)]
+        points = [(x_of(t["stride"]), y_of(t["seconds"])) for t in row["teacher"]]
+        draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        y = y_of(row["student"]["latency_s"])
+        for x in range(margin, width - margin, 12):
+            draw.line([x, y, x + 6, y], fill=colour, width=2)
+        draw.text((width - margin + 4, points[-1][1] - 6), name, fill=colour, font=font)
+    atomic_save_image(path, canvas)

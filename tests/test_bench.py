@@ -1,0 +1,75 @@
+"""The benchmark: measurement helpers, the script on CPU, and compiled vs eager features."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+from torch import nn
+
+from spar.bench import count_flops, format_table, relative_error, run_benchmark, time_call
+
+
+def test_flop_count_of_a_linear_layer():
+    layer = nn.Linear(32, 16)
+    assert count_flops(lambda: layer(torch.randn(8, 32))) == 2 * 8 * 32 * 16
+
+
+def test_relative_error_and_timing():
+    reference = torch.ones(10)
+    assert relative_error(reference * 1.01, reference) == pytest.approx(0.01, rel=1e-4)
+    timing = time_call(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"))
+    assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+
+
+def test_benchmark_counts_windows_and_flop_ratios(tiny_backbone):
+    results = run_benchmark(
+        tiny_backbone,
+        torch.device("cpu"),
+        sizes=[[224, 448]],
+        strides=[224, 24],
+        batch_sizes=[1, 2],
+        train_batch_sizes=[1, 2],
+        warmup=0,
+        repeats=2,
+        log=lambda message: None,
+    )
+    section = results["precisions"]["fp32"]
+    row = section["sizes"]["224x448"]
+    assert [t["windows"] for t in row["teacher"]] == [2, 11]
+    # 11 windows of 224x224 against one pass over 224x448 (twice the tokens, quadratic attention)
+    assert 5 < row["teacher"][1]["flop_ratio"] < 11
+    assert row["student"]["flops"] > 0 and section["matmul_peak_tflops"] > 0
+    assert set(section["training"]["cached_images_per_second"]) == {"1", "2"}
+    assert "teacher" in format_table(results)
+
+
+def test_bench_script_on_cpu_writes_table_json_and_plot(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        "device=cpu",
+        "sizes=[[224,224],[224,448]]",
+        "strides=[224,56,24]",
+        "batch_sizes=[1,2]",
+        "train_batch_sizes=[1,2]",
+        "repeats=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "measured matmul peak" in result.stdout and "x FLOPs" in result.stdout
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert results["device"]["device"] == "cpu" and results["config"]["backbone"]["name"] == "tiny"
+    assert (tmp_path / "bench_strides.png").stat().st_size > 1000
+
+
+def test_compiled_student_gives_the_eager_features(tiny_backbone):
+    images = torch.randn(1, 3, 96, 128)
+    compiled = torch.compile(tiny_backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), tiny_backbone(images), rtol=1e-4, atol=1e-4)
