@@ -18,6 +18,7 @@ from spar.distill import (
     OptimSettings,
     TeacherFeatureCache,
     TrainerSettings,
+    bucket_batches,
     epoch_order,
     run_distillation,
 )
@@ -272,3 +273,42 @@ def test_tensorboard_events_or_a_clear_error(tmp_path):
     else:
         small_run(tmp_path, "run", "trainer.epochs=1", "trainer.tensorboard=true")
         assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_size_buckets_hold_one_size_and_cover_every_view():
+    sizes = [(64, 96), (64, 96), (96, 64), (64, 96), None, (96, 64), (64, 96), (32, 32)]
+    batches = bucket_batches(sizes, batch_size=3, seed=0, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(8))
+    for batch in batches:
+        assert len(batch) <= 3 and len({sizes[i] for i in batch}) == 1
+    assert [4] in batches  # unknown size: alone
+    assert batches == bucket_batches(sizes, 3, seed=0, epoch=0)
+    assert batches != bucket_batches(sizes, 3, seed=0, epoch=1)
+    shards = [bucket_batches(sizes, 3, 0, 0, rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    assert {i for shard in shards for batch in shard for i in batch} == set(range(8))
+
+
+def test_bucketed_batches_train_and_resume_exactly(tmp_path):
+    common = [
+        "trainer.batch_size=4",
+        "data.augment.size_multiple=64",
+        "data.augment.crop_prob=0",
+        "data.draws_per_image=4",
+        "trainer.epochs=2",
+        "optim.lr=1e-3",
+    ]
+    images = write_scene_images(tmp_path / "images", count=5)
+    full, _ = small_run(tmp_path, "full", *common, images=images)
+    assert full["images_seen"] == 2 * 16 and full["steps"] < 2 * 16  # batches of several views
+    assert full["heldout_mse_after"] < full["heldout_mse_before"]
+    _, part_dir = small_run(tmp_path, "part", *common, "trainer.stop_after_steps=3", images=images)
+    resumed, resumed_dir = small_run(
+        tmp_path, "resumed", *common, f"resume={part_dir}", images=images
+    )
+    expected = train_losses(tmp_path / "full")
+    observed = {**train_losses(part_dir), **train_losses(resumed_dir)}
+    assert sorted(observed) == sorted(expected)
+    for step, loss in expected.items():
+        assert math.isclose(observed[step], loss, rel_tol=1e-5, abs_tol=1e-7), step
+    assert resumed["steps"] == full["steps"]

@@ -1,6 +1,7 @@
 """Distillation of the sliding-window teacher into the single-pass student."""
 
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
+from .buckets import bucket_batches, epoch_order
 from .cache import TeacherFeatureCache, entry_key, teacher_identity, weights_digest
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, agreement, build_heldout_sets
@@ -13,7 +14,7 @@ from .run import (
     run_distillation,
 )
 from .targets import fill_teacher_cache, teacher_map
-from .trainer import Distiller, OptimSettings, TrainerSettings, epoch_order
+from .trainer import Distiller, OptimSettings, TrainerSettings
 
 __all__ = [
     "AugmentationPlan",
@@ -28,6 +29,7 @@ __all__ = [
     "TrainerSettings",
     "agreement",
     "apply_plan",
+    "bucket_batches",
     "build_heldout_sets",
     "draw_plan",
     "entry_key",

@@ -46,11 +46,26 @@ def split_images(
 
 
 def pass_through(item: dict[str, Any]) -> dict[str, Any]:
-    """Collate for ``DataLoader(batch_size=None)``: one view at a time, left as it is.
-
-    Views differ in size, so training uses batch size one and gradient accumulation.
-    """
+    """Collate for ``DataLoader(batch_size=None)``: one view at a time, left as it is."""
     return item
+
+
+def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A micro-batch of same-size views (size buckets) -> one dict.
+
+    Returns ``images`` ((n, 3, H, W), or ``None`` when every image was unreadable), ``items``
+    (the n usable views, with their ``target``/``key``/``description``) and ``skipped``
+    ((path, reason) of the unreadable ones).
+    """
+    usable = [item for item in items if item["skipped"] is None]
+    sizes = {tuple(item["image"].shape) for item in usable}
+    if len(sizes) > 1:
+        raise ValueError(f"a micro-batch mixes view sizes {sorted(sizes)}")
+    return {
+        "images": torch.stack([item["image"] for item in usable]) if usable else None,
+        "items": usable,
+        "skipped": [(item["path"], item["skipped"]) for item in items if item["skipped"]],
+    }
 
 
 class DistillationViews(Dataset):
@@ -112,6 +127,22 @@ class DistillationViews(Dataset):
         else:
             rng = plan_generator(self.augment_seed, self.epoch, index)
         return draw_plan(source_size, self.recipe, rng)
+
+    def view_size(
+        self, index: int, source_sizes: Sequence[tuple[int, int] | None], epoch: int
+    ) -> tuple[int, int] | None:
+        """Output (H, W) of view ``index`` in ``epoch`` without loading the image.
+
+        ``source_sizes`` holds the (H, W) of every image file (``None`` if unreadable).
+        """
+        source = source_sizes[index // self.draws_per_image]
+        if source is None:
+            return None
+        previous, self.epoch = self.epoch, epoch
+        try:
+            return self.plan_for(index, source).output
+        finally:
+            self.epoch = previous
 
     def target_shape(self, plan: AugmentationPlan) -> tuple[int, int, int]:
         patch = self.teacher_identity["patch_size"]

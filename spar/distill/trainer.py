@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..distributed import DistributedContext
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..utils import PRECISIONS, autocast_dtype
+from .buckets import bucket_batches, image_size
 from .cache import TeacherFeatureCache
-from .data import DistillationViews, pass_through
+from .data import DistillationViews, collate_views
 from .heldout import HeldoutSet, agreement
 from .targets import teacher_map
 
@@ -68,6 +69,8 @@ class TrainerSettings:
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
             (with loss scaling); autocast covers student and teacher.
+        batch_size: views per micro-batch; above 1, views are grouped into same-size batches
+            (size buckets, see ``spar.distill.buckets``).
         log_every: optimizer steps between JSONL log records.
         checkpoint_every: optimizer steps between mid-epoch checkpoints (0: epoch ends only).
         stop_after_steps: stop (checkpointed, resumable) after this many optimizer steps,
@@ -86,6 +89,7 @@ class TrainerSettings:
     log_every: int = 10
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
+    batch_size: int = 1
     num_workers: int = 2
     seed: int = 0
     show_progress: bool = True
@@ -94,8 +98,10 @@ class TrainerSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
-        if self.epochs < 1 or self.accumulate < 1 or self.log_every < 1:
-            raise ValueError(f"epochs, accumulate and log_every must be >= 1, got {self}")
+        if min(self.epochs, self.accumulate, self.log_every, self.batch_size) < 1:
+            raise ValueError(
+                f"epochs, accumulate, log_every and batch_size must be >= 1, got {self}"
+            )
 
 
 @dataclass
@@ -104,7 +110,7 @@ class TrainingState:
 
     step: int = 0
     epoch: int = 0
-    consumed: int = 0  # micro-steps of ``epoch`` already taken by each rank
+    consumed: int = 0  # micro-batches of ``epoch`` already taken by each rank
     images_seen: int = 0
     skipped_files: list[str] = field(default_factory=list)
     best_mse: float = math.inf
@@ -115,17 +121,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def epoch_order(
-    num_views: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[int]:
-    """This rank's views for ``epoch``: a seeded permutation, padded to a multiple of the ranks."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_views, generator=generator).tolist()
-    padded = math.ceil(num_views / world_size) * world_size
-    order += order[: padded - num_views]
-    return order[rank::world_size]
 
 
 def learning_rate_factor(step: int, total: int, settings: OptimSettings) -> float:
@@ -190,10 +185,11 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
         )
-        self.steps_per_epoch = math.ceil(
-            len(epoch_order(len(views), 0, 0, 0, self.context.world_size)) / settings.accumulate
+        self._source_sizes = None
+        self.total_steps = sum(
+            math.ceil(len(self.epoch_batches(epoch)) / settings.accumulate)
+            for epoch in range(settings.epochs)
         )
-        self.total_steps = self.steps_per_epoch * settings.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, self.total_steps, optim)
         )
@@ -223,6 +219,26 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of view indices) for ``epoch``."""
+        settings = self.settings
+        sizes: list = [None] * len(self.views)
+        if settings.batch_size > 1:
+            if self._source_sizes is None:  # file headers only, read once
+                self._source_sizes = [image_size(p) for p in self.views.paths]
+            sizes = [
+                self.views.view_size(index, self._source_sizes, epoch)
+                for index in range(len(self.views))
+            ]
+        return bucket_batches(
+            sizes,
+            settings.batch_size,
+            settings.seed,
+            epoch,
+            self.context.rank,
+            self.context.world_size,
+        )
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.context.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,32 +250,37 @@ class Distiller:
                 self.tensorboard.flush()
 
     def _target(self, item: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
+        """(C, h, w) teacher map of one view: from the cache, or computed (and cached)."""
         target = item.get("target")
         if target is not None:
             return target.to(self.device, non_blocking=True).float()
-        target = teacher_map(self.teacher, image[0], self.autocast)
+        target = teacher_map(self.teacher, image, self.autocast)
         if self.cache is not None and item.get("key") is not None:
             self.cache.save(item["key"], target, item["description"])
         return target
 
-    def _loss(self, item: dict[str, Any]) -> tuple[torch.Tensor, bool]:
-        """(MSE of one view, True); for an unreadable image (zero-weighted pass, False)."""
-        if item["skipped"] is not None:
-            warnings.warn(
-                f"skipping unreadable image {item['path']}: {item['skipped']}", stacklevel=2
-            )
-            if item["path"] not in self.state.skipped_files:
-                self.state.skipped_files.append(item["path"])
-            # Every rank must run the same passes under DDP: a tiny zero-weighted one.
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(MSE of a micro-batch of same-size views, number of views used).
+
+        Unreadable images are recorded and left out; if none is left, a tiny zero-weighted pass
+        keeps every DDP rank running the same passes.
+        """
+        for path, reason in batch["skipped"]:
+            warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+            if path not in self.state.skipped_files:
+                self.state.skipped_files.append(path)
+        if batch["images"] is None:
             size = self.student.patch_size * 2
             blank = torch.zeros(1, 3, size, size, device=self.device)
             with self.autocast():
-                return self.model(blank).float().sum() * 0.0, False
-        image = item["image"][None].to(self.device, non_blocking=True)
-        target = self._target(item, image)
+                return self.model(blank).float().sum() * 0.0, 0
+        images = batch["images"].to(self.device, non_blocking=True)
+        targets = torch.stack(
+            [self._target(item, image) for item, image in zip(batch["items"], images, strict=True)]
+        )
         with self.autocast():
-            prediction = self.model(image)
-        return F.mse_loss(prediction.float(), target[None]), True
+            prediction = self.model(images)
+        return F.mse_loss(prediction.float(), targets), len(batch["items"])
 
     def _optimizer_step(self) -> None:
         if self.settings.grad_clip is not None:
@@ -391,19 +412,13 @@ class Distiller:
         """One epoch (or its rest, after a resume); True when ``stop_after_steps`` was hit."""
         settings = self.settings
         self.views.set_epoch(self.state.epoch)
-        order = epoch_order(
-            len(self.views),
-            settings.seed,
-            self.state.epoch,
-            self.context.rank,
-            self.context.world_size,
-        )
-        remaining = order[self.state.consumed :]
+        batches = self.epoch_batches(self.state.epoch)
+        remaining = batches[self.state.consumed :]
         loader = DataLoader(
-            Subset(self.views, remaining),
-            batch_size=None,
+            self.views,
+            batch_sampler=remaining,
             num_workers=settings.num_workers,
-            collate_fn=pass_through,
+            collate_fn=collate_views,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
@@ -412,22 +427,22 @@ class Distiller:
             loader,
             total=len(remaining),
             desc=f"epoch {self.state.epoch + 1}/{settings.epochs}",
-            unit="img",
+            unit="batch",
             disable=not (settings.show_progress and self.context.is_main),
         )
         window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-        for position, item in enumerate(progress, start=self.state.consumed):
-            last_micro = (position + 1) % settings.accumulate == 0 or position + 1 == len(order)
+        for position, batch in enumerate(progress, start=self.state.consumed):
+            last_micro = (position + 1) % settings.accumulate == 0 or position + 1 == len(batches)
             sync = last_micro or not self.context.is_distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                loss, used = self._loss(item)
+                loss, used = self._loss(batch)
                 group_start = position // settings.accumulate * settings.accumulate
-                group = min(settings.accumulate, len(order) - group_start)
+                group = min(settings.accumulate, len(batches) - group_start)
                 self.scaler.scale(loss / group).backward()
             if used:
-                window_loss += loss.item()
-                window_count += 1
-                self.state.images_seen += 1
+                window_loss += loss.item() * used
+                window_count += used
+                self.state.images_seen += used
             self.state.consumed = position + 1
             if not last_micro:
                 continue
