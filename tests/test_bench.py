@@ -11,6 +11,7 @@ from helpers import ROOT
 from torch import nn
 
 from spar.bench import count_flops, format_table, relative_error, run_benchmark, time_call
+from spar.models import create_backbone
 
 
 def test_flop_count_of_a_linear_layer():
@@ -73,3 +74,18 @@ def test_compiled_student_gives_the_eager_features(tiny_backbone):
     compiled = torch.compile(tiny_backbone)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), tiny_backbone(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "siglip2-tiny"])
+def test_attention_runs_through_sdpa_and_matches_the_math_kernel(name):
+    fused = create_backbone(name)
+    reference = create_backbone(name, fused_attention=False)
+    images = torch.randn(2, 3, 80, 112)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        features = fused(images)
+    names = {event.name for event in profile.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert "aten::_native_multi_head_attention" not in names  # not nn.MultiheadAttention's own path
+    with torch.no_grad():
+        torch.testing.assert_close(features, reference(images), rtol=1e-4, atol=1e-4)
+    assert torch.backends.mha.get_fastpath_enabled()  # the global switch is restored

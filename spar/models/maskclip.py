@@ -97,7 +97,9 @@ class MaskClipBackbone(OpenClipBackbone):
         return x.transpose(1, 2).reshape(batch, -1, *grid)
 
 
-def _clip_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> MaskClipBackbone:
+def _clip_backbone(
+    model: nn.Module, tokenizer: Tokenizer | None, fused_attention: bool = True
+) -> MaskClipBackbone:
     """Wrap a CLIP model; every CLIP here uses the (offline) ``ViT-B-16`` tokenizer."""
     return MaskClipBackbone(
         model,
@@ -105,6 +107,7 @@ def _clip_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> MaskClipBac
         std=OPENAI_DATASET_STD,
         tokenizer=tokenizer,
         tokenizer_name="ViT-B-16",
+        fused_attention=fused_attention,
     )
 
 
@@ -113,8 +116,11 @@ def _clip_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> MaskClipBac
     default_pretrained="laion2b_s34b_b88k",
     description="OpenCLIP ViT-B/16, MaskCLIP-style dense features, window 224",
 )
-def maskclip(pretrained: str | None, tokenizer: Tokenizer | None = None) -> MaskClipBackbone:
-    return _clip_backbone(create_open_clip_model("ViT-B-16", pretrained), tokenizer)
+def maskclip(
+    pretrained: str | None, tokenizer: Tokenizer | None = None, fused_attention: bool = True
+) -> MaskClipBackbone:
+    model = create_open_clip_model("ViT-B-16", pretrained)
+    return _clip_backbone(model, tokenizer, fused_attention)
 
 
 def tiny_clip_config(width: int = 64, depth: int = 4, embed_dim: int = 64) -> dict:
@@ -143,7 +149,9 @@ def tiny(
     depth: int = 4,
     embed_dim: int = 64,
     seed: int = 0,
+    fused_attention: bool = True,
 ) -> MaskClipBackbone:
     """Random weights drawn from ``seed``, so two calls give the same model."""
     build = seeded(lambda: open_clip.CLIP(**tiny_clip_config(width, depth, embed_dim)), seed)
-    return _clip_backbone(create_open_clip_model(None, pretrained, build=build), tokenizer)
+    model = create_open_clip_model(None, pretrained, build=build)
+    return _clip_backbone(model, tokenizer, fused_attention)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import DenseBackbone, Tokenizer
 from .weights import (
@@ -72,6 +74,27 @@ def load_weights_file(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def attention_backend(fused: bool = True) -> Iterator[None]:
+    """Route every attention through ``F.scaled_dot_product_attention``.
+
+    open_clip's ``nn.MultiheadAttention`` would otherwise take PyTorch's "fast path" at inference
+    (its own kernel, slower than SDPA's flash/memory-efficient kernels: 5.0 s against 3.5 s for
+    ViT-B/16 at 672x896 on 2 CPU cores); timm already calls SDPA. ``fused=False`` restricts SDPA
+    to its plain math kernel: the reference the fused kernels are checked against.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if fused:
+            yield
+        else:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 class OpenClipBackbone(DenseBackbone):
     """A dense backbone wrapping a whole open_clip model (vision and text towers) as ``model``.
 
@@ -86,6 +109,8 @@ class OpenClipBackbone(DenseBackbone):
         tokenizer: ``list[str] -> (N, L)`` token ids; ``None`` builds ``tokenizer_name``'s
             open_clip tokenizer on first use (which may need a hub download for SigLIP2).
         tokenizer_name: open_clip model name whose tokenizer to build lazily.
+        fused_attention: run attention through SDPA's fused kernels (default) or, for
+            reference, its math kernel (see :func:`attention_backend`).
     """
 
     def __init__(
@@ -99,6 +124,7 @@ class OpenClipBackbone(DenseBackbone):
         tokenizer: Tokenizer | None,
         tokenizer_name: str,
         patch_size: int = 16,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -109,6 +135,12 @@ class OpenClipBackbone(DenseBackbone):
         self.std = tuple(std)
         self._tokenizer = tokenizer
         self._tokenizer_name = tokenizer_name
+        self.fused_attention = fused_attention
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, ceil(H/p), ceil(W/p)) dense features."""
+        with attention_backend(self.fused_attention):
+            return super().forward(images)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -88,9 +88,16 @@ class SigLIP2Backbone(OpenClipBackbone):
         return x.transpose(1, 2).reshape(batch, -1, *grid)
 
 
-def _siglip2_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> SigLIP2Backbone:
+def _siglip2_backbone(
+    model: nn.Module, tokenizer: Tokenizer | None, fused_attention: bool = True
+) -> SigLIP2Backbone:
     return SigLIP2Backbone(
-        model, mean=SIGLIP_MEAN, std=SIGLIP_STD, tokenizer=tokenizer, tokenizer_name=SIGLIP2_MODEL
+        model,
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
+        tokenizer=tokenizer,
+        tokenizer_name=SIGLIP2_MODEL,
+        fused_attention=fused_attention,
     )
 
 
@@ -99,10 +106,13 @@ def _siglip2_backbone(model: nn.Module, tokenizer: Tokenizer | None) -> SigLIP2B
     default_pretrained="webli",
     description="SigLIP2 ViT-B/16-512 (open_clip), MAP-head value path, window 512",
 )
-def siglip2(pretrained: str | None, tokenizer: Tokenizer | None = None) -> SigLIP2Backbone:
+def siglip2(
+    pretrained: str | None, tokenizer: Tokenizer | None = None, fused_attention: bool = True
+) -> SigLIP2Backbone:
     """The tokenizer, when not given, is SigLIP2's Gemma tokenizer (needs ``transformers`` and a
     hub download on first use)."""
-    return _siglip2_backbone(create_open_clip_model(SIGLIP2_MODEL, pretrained), tokenizer)
+    model = create_open_clip_model(SIGLIP2_MODEL, pretrained)
+    return _siglip2_backbone(model, tokenizer, fused_attention)
 
 
 def build_tiny_siglip2(width: int, depth: int, image_size: int) -> nn.Module:
@@ -156,9 +166,11 @@ def siglip2_tiny(
     depth: int = 4,
     image_size: int = 128,
     seed: int = 0,
+    fused_attention: bool = True,
 ) -> SigLIP2Backbone:
     """Random weights drawn from ``seed``; the CLIP tokenizer (offline) unless one is given."""
     build = seeded(build_tiny_siglip2, seed, width, depth, image_size)
     if tokenizer is None:
         tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=64)
-    return _siglip2_backbone(create_open_clip_model(None, pretrained, build=build), tokenizer)
+    model = create_open_clip_model(None, pretrained, build=build)
+    return _siglip2_backbone(model, tokenizer, fused_attention)
