@@ -310,7 +310,7 @@ def run_benchmark(
             ),
         }
         if precision != "fp32":
-            section["accuracy"] = bench_accuracy(backbone, sizes[0], strides[-1], device, precision)
+            section["accuracy"] = bench_accuracy(backbone, middle, strides[-1], device, precision)
         results["precisions"][precision] = section
     return results
 
