@@ -1,6 +1,6 @@
 """Dense backbones behind one registry, and the sliding-window teacher."""
 
-from . import maskclip, siglip2  # noqa: F401 - importing registers the families
+from . import dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
 from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
 from .registry import backbone_entry, create_backbone, list_backbones, register_backbone
 from .teacher import SlidingWindowTeacher, WindowLayout

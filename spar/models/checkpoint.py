@@ -270,5 +270,7 @@ def load_any_checkpoint(
     if is_spar_checkpoint(path):
         return {**load_checkpoint(backbone, path, expected_name), "format": "spar"}
     fmt, state = read_released_weights(path)
+    if hasattr(backbone, "map_released_state"):
+        state = backbone.map_released_state(state)
     load_state_dict_strict(backbone, state, source=f"{path} ({fmt} format)")
     return {"format": fmt, "tensors": len(state)}

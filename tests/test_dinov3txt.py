@@ -1,0 +1,257 @@
+"""DINOv3.txt: shapes, official key names loading strictly, released SPAR weights, end to end."""
+
+import pytest
+import torch
+from helpers import write_scene_images
+
+from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
+from spar.models.dinov3txt import TINY_ARCHITECTURE, DinoTxtArchitecture
+from spar.segmentation import OpenVocabSegmenter
+
+ARCH = TINY_ARCHITECTURE
+
+
+def official_backbone_state(arch: DinoTxtArchitecture, registers: int = 4) -> dict:
+    """Random tensors under the official DINOv3 ViT key names (dinov3_vitl16_pretrain_*.pth)."""
+    width = arch.width
+    state = {
+        "cls_token": torch.randn(1, 1, width),
+        "storage_tokens": torch.randn(1, registers, width),
+        "mask_token": torch.zeros(1, width),
+        "patch_embed.proj.weight": torch.randn(width, 3, 16, 16) * 0.02,
+        "patch_embed.proj.bias": torch.randn(width) * 0.02,
+        "rope_embed.periods": torch.rand(width // arch.heads // 4),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+    for i in range(arch.depth):
+        block = f"blocks.{i}."
+        k_masked = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
+        state |= {
+            block + "norm1.weight": torch.ones(width),
+            block + "norm1.bias": torch.zeros(width),
+            block + "attn.qkv.weight": torch.randn(3 * width, width) * 0.05,
+            block + "attn.qkv.bias": torch.randn(3 * width) * 0.05,
+            block + "attn.qkv.bias_mask": k_masked,
+            block + "attn.proj.weight": torch.randn(width, width) * 0.05,
+            block + "attn.proj.bias": torch.zeros(width),
+            block + "ls1.gamma": torch.full((width,), 0.1),
+            block + "norm2.weight": torch.ones(width),
+            block + "norm2.bias": torch.zeros(width),
+            block + "mlp.fc1.weight": torch.randn(4 * width, width) * 0.05,
+            block + "mlp.fc1.bias": torch.zeros(4 * width),
+            block + "mlp.fc2.weight": torch.randn(width, 4 * width) * 0.05,
+            block + "mlp.fc2.bias": torch.zeros(width),
+            block + "ls2.gamma": torch.full((width,), 0.1),
+        }
+    return state
+
+
+def official_head_and_text_state(arch: DinoTxtArchitecture) -> dict:
+    """Random tensors under the official dino.txt names (..._vision_head_and_text_encoder-*.pth)."""
+    width, text = arch.width, arch.text_width
+    hidden = int(4 * width * 2 / 3)
+    hidden += -hidden % 64
+    state = {"logit_scale": torch.tensor([2.0])}
+    for i in range(arch.head_blocks):
+        block = f"visual_model.head.blocks.{i}."
+        state |= {
+            block + "norm1.weight": torch.ones(width),
+            block + "norm1.bias": torch.zeros(width),
+            block + "attn.qkv.weight": torch.randn(3 * width, width) * 0.05,
+            block + "attn.proj.weight": torch.randn(width, width) * 0.05,
+            block + "attn.proj.bias": torch.zeros(width),
+            block + "ls1.gamma": torch.full((width,), 0.1),
+            block + "norm2.weight": torch.ones(width),
+            block + "norm2.bias": torch.zeros(width),
+            block + "mlp.w1.weight": torch.randn(hidden, width) * 0.05,
+            block + "mlp.w1.bias": torch.zeros(hidden),
+            block + "mlp.w2.weight": torch.randn(hidden, width) * 0.05,
+            block + "mlp.w2.bias": torch.zeros(hidden),
+            block + "mlp.w3.weight": torch.randn(width, hidden) * 0.05,
+            block + "mlp.w3.bias": torch.zeros(width),
+            block + "ls2.gamma": torch.full((width,), 0.1),
+        }
+    state |= {
+        "visual_model.head.ln_final.weight": torch.ones(width),
+        "visual_model.head.ln_final.bias": torch.zeros(width),
+        "text_model.backbone.token_embedding.weight": torch.randn(arch.vocab_size, text) * 0.02,
+        "text_model.backbone.positional_embedding": torch.randn(arch.context_length, text) * 0.01,
+        "text_model.backbone.ln_final.weight": torch.ones(text),
+        "text_model.backbone.ln_final.bias": torch.zeros(text),
+        "text_model.head.linear_projection.weight": torch.randn(arch.embed_dim, text) * 0.05,
+    }
+    for i in range(arch.text_layers):
+        block = f"text_model.backbone.blocks.{i}."
+        state |= {
+            block + "attention_norm.weight": torch.ones(text),
+            block + "attention_norm.bias": torch.zeros(text),
+            block + "attention.qkv.weight": torch.randn(3 * text, text) * 0.05,
+            block + "attention.proj.weight": torch.randn(text, text) * 0.05,
+            block + "attention.proj.bias": torch.zeros(text),
+            block + "ffn_norm.weight": torch.ones(text),
+            block + "ffn_norm.bias": torch.zeros(text),
+            block + "feed_forward.fc1.weight": torch.randn(4 * text, text) * 0.05,
+            block + "feed_forward.fc1.bias": torch.zeros(4 * text),
+            block + "feed_forward.fc2.weight": torch.randn(text, 4 * text) * 0.05,
+            block + "feed_forward.fc2.bias": torch.zeros(text),
+        }
+    return state
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov3")
+    backbone, head = official_backbone_state(ARCH), official_head_and_text_state(ARCH)
+    torch.save(backbone, folder / "dinov3_vitl16_pretrain_lvd1689m-test.pth")
+    torch.save(head, folder / "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-test.pth")
+    return (
+        folder / "dinov3_vitl16_pretrain_lvd1689m-test.pth",
+        folder / "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-test.pth",
+        backbone,
+        head,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return create_backbone("dinov3txt-tiny")
+
+
+@pytest.mark.parametrize("size", [(128, 128), (64, 96), (70, 100), (256, 160)])
+def test_any_resolution_gives_the_patch_grid(tiny, size):
+    with torch.no_grad():
+        features = tiny(torch.randn(2, 3, *size))
+    assert features.shape == (2, ARCH.width, -(-size[0] // 16), -(-size[1] // 16))
+
+
+def test_text_is_the_patch_aligned_half(tiny):
+    with torch.no_grad():
+        text = tiny.encode_text(["a photo of a cat", "road"])
+        tokens = tiny.tokenizer(["a photo of a cat", "road"])
+        full = tiny.model.text_model(tokens)
+    assert text.shape == (2, ARCH.width) and full.shape == (2, 2 * ARCH.width)
+    torch.testing.assert_close(text, full[:, ARCH.width :])
+
+
+def test_official_files_load_strictly(official_files):
+    backbone_path, head_path, backbone_state, head_state = official_files
+    model = create_backbone(
+        "dinov3txt-tiny", pretrained="official", backbone_weights=backbone_path, weights=head_path
+    )
+    state = model.state_dict()
+    trunk = "model.visual_model.backbone."
+    torch.testing.assert_close(state[trunk + "cls_token"], backbone_state["cls_token"])
+    torch.testing.assert_close(state[trunk + "reg_token"], backbone_state["storage_tokens"])
+    torch.testing.assert_close(
+        state[trunk + "blocks.1.gamma_1"], backbone_state["blocks.1.ls1.gamma"]
+    )
+    qkv_bias = backbone_state["blocks.0.attn.qkv.bias"]
+    torch.testing.assert_close(state[trunk + "blocks.0.attn.q_bias"], qkv_bias[: ARCH.width])
+    for key, value in head_state.items():
+        torch.testing.assert_close(state["model." + key], value)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 80))).all()
+
+
+def test_missing_official_keys_are_listed(official_files, tmp_path):
+    backbone_path, _, _, head_state = official_files
+    partial = dict(head_state)
+    partial.pop("visual_model.head.ln_final.weight")
+    torch.save(partial, tmp_path / "head.pth")
+    with pytest.raises(WeightLoadingError, match="missing keys: visual_model.head.ln_final.weight"):
+        create_backbone(
+            "dinov3txt-tiny",
+            pretrained="official",
+            backbone_weights=backbone_path,
+            weights=tmp_path / "head.pth",
+        )
+
+
+def test_official_files_are_required_and_checked(official_files):
+    with pytest.raises(WeightLoadingError, match="dinov3_vitl16_pretrain_lvd1689m"):
+        create_backbone("dinov3txt-tiny", pretrained="official")
+    backbone_path, head_path, _, _ = official_files
+    with pytest.raises(WeightLoadingError, match="storage_tokens"):
+        create_backbone(
+            "dinov3txt-tiny", pretrained="official", backbone_weights=head_path, weights=head_path
+        )
+
+
+def test_released_spar_checkpoint_with_official_trunk_names_loads(official_files, tmp_path):
+    _, _, backbone_state, head_state = official_files
+    released = {
+        f"segmentor.net.model.visual_model.backbone.{k}": v for k, v in backbone_state.items()
+    }
+    released |= {f"segmentor.net.model.{k}": v for k, v in head_state.items()}
+    torch.save({"state_dict": released, "epoch": 9}, tmp_path / "spar_dinov3txt.ckpt")
+    model = create_backbone("dinov3txt-tiny", checkpoint=tmp_path / "spar_dinov3txt.ckpt")
+    torch.testing.assert_close(
+        model.state_dict()["model.visual_model.backbone.reg_token"],
+        backbone_state["storage_tokens"],
+    )
+
+
+def test_real_architecture_and_window():
+    arch = DinoTxtArchitecture()
+    assert (arch.width, arch.depth, arch.heads, arch.embed_dim, arch.native_size) == (
+        1024,
+        24,
+        16,
+        2048,
+        384,
+    )
+    assert (arch.text_width, arch.text_heads, arch.text_layers) == (1280, 20, 24)
+
+
+def test_trainable_blocks_are_the_trunk_tail(tiny):
+    fresh = create_backbone("dinov3txt-tiny", trainable_blocks="last-2")
+    trainable = {
+        n.split(".blocks.")[1].split(".")[0] for n, p in fresh.named_parameters() if p.requires_grad
+    }
+    assert trainable == {"2", "3"}
+    assert all(
+        "visual_model.backbone.blocks" in n for n, p in fresh.named_parameters() if p.requires_grad
+    )
+
+
+def test_teacher_student_and_segmenter_run(tiny):
+    image = torch.randn(1, 3, 160, 200)
+    teacher = SlidingWindowTeacher(tiny, stride=24)
+    with torch.no_grad():
+        assert teacher(image).shape == tiny(image).shape
+        mask = OpenVocabSegmenter.from_backbone(tiny, ["sky", "road, street"]).predict(image)
+    assert mask.shape == (1, 160, 200)
+
+
+def test_distillation_runs_on_the_tiny_config(tmp_path):
+    from test_distill_train import small_run
+
+    images = write_scene_images(tmp_path / "images", count=4)
+    summary, _ = small_run(
+        tmp_path,
+        "run",
+        "backbone.name=dinov3txt-tiny",
+        "teacher.window=64",
+        "trainer.epochs=1",
+        "optim.lr=1e-3",
+        images=images,
+    )
+    assert summary["steps"] == summary["train_views"] and summary["heldout_mse_after"] is not None
+
+
+def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
+    import open_clip
+
+    model = create_backbone("dinov3txt-tiny")
+    tokens = model.tokenizer(["A Photo of a CAT."])
+    assert tokens.shape == (1, 77)
+    assert torch.equal(tokens, open_clip.tokenize(["a photo of a cat."]))
+    assert int(tokens.argmax()) == 7  # start, "a photo of a cat ." (6 pieces), end-of-text
+    vocab = open_clip.tokenizer.default_bpe()
+    local = create_backbone("dinov3txt-tiny", bpe_path=vocab)
+    assert torch.equal(local.tokenizer(["a cat"]), model.tokenizer(["a cat"]))
+    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+        create_backbone("dinov3txt-tiny", bpe_path=str(tmp_path / "nowhere.txt.gz")).tokenizer(
+            ["x"]
+        )
