@@ -91,8 +91,21 @@ def _images(batch: int, size: Sequence[int], device: torch.device) -> torch.Tens
     return torch.randn(batch, 3, *size, generator=generator).to(device)
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+def rates_until_out_of_memory(
+    batch_sizes: Sequence[int], measure: Callable[[int], float]
+) -> dict[int, float]:
+    """``{batch: measure(batch)}`` (images/s) for growing batches, stopping at the first that
+    runs out of device memory."""
+    rates = {}
+    for batch in batch_sizes:
+        try:
+            rates[batch] = measure(batch)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and "out of memory" not in str(error):
+                raise
+            torch.cuda.empty_cache()
+            break
+    return rates
 
 
 def bench_student(
@@ -114,21 +127,15 @@ def bench_student(
     one = _images(1, size, device)
     latency = time_call(lambda: run(one), device, warmup, repeats)
     flops = count_flops(lambda: run(one))
-    best = {"batch": 1, "images_per_second": 1 / latency["median_s"]}
-    for batch in batch_sizes:
-        if batch == 1:
-            continue
-        try:
-            images = _images(batch, size, device)
-            timing = time_call(lambda images=images: run(images), device, 1, max(2, repeats // 2))
-        except (RuntimeError, torch.OutOfMemoryError) as error:
-            if not _is_oom(error):
-                raise
-            torch.cuda.empty_cache()
-            break
-        rate = batch / timing["median_s"]
-        if rate > best["images_per_second"]:
-            best = {"batch": batch, "images_per_second": rate}
+
+    def throughput(batch: int) -> float:
+        images = _images(batch, size, device)
+        return batch / time_call(lambda: run(images), device, 1, max(2, repeats // 2))["median_s"]
+
+    rates = rates_until_out_of_memory([b for b in batch_sizes if b != 1], throughput)
+    rates[1] = 1 / latency["median_s"]
+    best_batch = max(rates, key=rates.get)
+    best = {"batch": best_batch, "images_per_second": rates[best_batch]}
     return {
         "latency_s": latency["median_s"],
         "flops": flops,
@@ -198,18 +205,13 @@ def bench_training_step(
 
     with torch.no_grad(), autocast():
         target = teacher(_images(1, size, device)).float()
-    cached = {}
-    for batch in batch_sizes:
+
+    def cached_rate(batch: int) -> float:
         images = _images(batch, size, device)
         targets = target.expand(batch, -1, -1, -1).contiguous()
-        try:
-            timing = time_call(lambda i=images, t=targets: step(i, t), device, warmup, repeats)
-        except (RuntimeError, torch.OutOfMemoryError) as error:
-            if not _is_oom(error):
-                raise
-            torch.cuda.empty_cache()
-            break
-        cached[batch] = batch / timing["median_s"]
+        return batch / time_call(lambda: step(images, targets), device, warmup, repeats)["median_s"]
+
+    cached = rates_until_out_of_memory(batch_sizes, cached_rate)
     one = _images(1, size, device)
 
     def online_step():

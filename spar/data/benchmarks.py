@@ -110,37 +110,15 @@ class BenchmarkSpec:
         return CLASS_FILES / f"{self.name}.txt"
 
 
-def _voc(name: str, num_classes: int, reduce_zero: bool) -> BenchmarkSpec:
-    layout = "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt (VOC2012)"
+def _pascal(
+    name: str, num_classes: int, reduce_zero: bool, kind: str, release: str
+) -> BenchmarkSpec:
+    """VOC (``kind`` = "") or Pascal-Context (``kind`` = "Context") in a VOCdevkit release."""
+    labels, lists = f"SegmentationClass{kind}", f"ImageSets/Segmentation{kind}"
+    layout = f"JPEGImages/, {labels}/, {lists}/<split>.txt ({release})"
 
     def find(root: Path, split: str) -> list[Sample]:
-        return _list_file_samples(
-            root,
-            name,
-            layout,
-            "JPEGImages",
-            "SegmentationClass",
-            f"ImageSets/Segmentation/{split}.txt",
-        )
-
-    return BenchmarkSpec(name, num_classes, layout, find, reduce_zero)
-
-
-def _context(name: str, num_classes: int, reduce_zero: bool) -> BenchmarkSpec:
-    layout = (
-        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/<split>.txt "
-        "(VOC2010)"
-    )
-
-    def find(root: Path, split: str) -> list[Sample]:
-        return _list_file_samples(
-            root,
-            name,
-            layout,
-            "JPEGImages",
-            "SegmentationClassContext",
-            f"ImageSets/SegmentationContext/{split}.txt",
-        )
+        return _list_file_samples(root, name, layout, "JPEGImages", labels, f"{lists}/{split}.txt")
 
     return BenchmarkSpec(name, num_classes, layout, find, reduce_zero)
 
@@ -196,10 +174,10 @@ def _ade20k() -> BenchmarkSpec:
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
-        _voc("voc21", 21, reduce_zero=False),
-        _voc("voc20", 20, reduce_zero=True),
-        _context("context60", 60, reduce_zero=False),
-        _context("context59", 59, reduce_zero=True),
+        _pascal("voc21", 21, reduce_zero=False, kind="", release="VOC2012"),
+        _pascal("voc20", 20, reduce_zero=True, kind="", release="VOC2012"),
+        _pascal("context60", 60, reduce_zero=False, kind="Context", release="VOC2010"),
+        _pascal("context59", 59, reduce_zero=True, kind="Context", release="VOC2010"),
         _coco("coco_object", 81, "_instanceTrainIds.png"),
         _coco("coco_stuff", 171, "_labelTrainIds.png"),
         _cityscapes(),
