@@ -255,3 +255,30 @@ def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
         create_backbone("dinov3txt-tiny", bpe_path=str(tmp_path / "nowhere.txt.gz")).tokenizer(
             ["x"]
         )
+
+
+def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
+    from helpers import write_benchmark
+    from test_evaluation import eval_config, miou_from_pngs
+
+    from spar.demo import SAMPLE_IMAGES, compare_teacher_student
+    from spar.evaluation import run_evaluation
+
+    write_benchmark("cityscapes", tmp_path / "cs")
+    cfg = eval_config(
+        "dataset=cityscapes",
+        f"dataset.root={tmp_path / 'cs'}",
+        "backbone.name=dinov3txt-tiny",
+        "mode=slide",
+        "slide.window=64",
+        "save_predictions=true",
+    )
+    results = run_evaluation(cfg, tmp_path / "eval")
+    recomputed, _ = miou_from_pngs("cityscapes", tmp_path / "cs", tmp_path / "eval" / "predictions")
+    assert results["num_images"] == 3 and results["miou"] == pytest.approx(recomputed, abs=1e-9)
+    summary = compare_teacher_student(
+        tiny, [SAMPLE_IMAGES / "cat.jpg"], ["cat", "floor"], tmp_path / "demo", bounds=(160, 128)
+    )
+    assert (
+        summary["images"][0]["windows"] >= 1 and (tmp_path / "demo" / "cat_features.png").is_file()
+    )
