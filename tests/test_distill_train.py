@@ -312,3 +312,8 @@ def test_bucketed_batches_train_and_resume_exactly(tmp_path):
     for step, loss in expected.items():
         assert math.isclose(observed[step], loss, rel_tol=1e-5, abs_tol=1e-7), step
     assert resumed["steps"] == full["steps"]
+
+
+def test_a_missing_required_setting_is_named_with_its_full_key(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.root is required"):
+        run_distillation(train_config(tmp_path, "data=sa1b"), tmp_path / "run")

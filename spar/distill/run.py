@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from ..data.images import list_images
@@ -31,9 +32,14 @@ TEACHER_MODES = ("cached", "online")
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
+    if not isinstance(cfg, DictConfig):
+        return copy.deepcopy(cfg)
+    try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    return copy.deepcopy(cfg)
+    except MissingMandatoryValue as error:
+        raise ValueError(
+            f"the setting {error.full_key} is required: add {error.full_key}=... to the command"
+        ) from error
 
 
 @dataclass
