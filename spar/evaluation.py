@@ -32,7 +32,7 @@ from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
 from .models import SlidingWindowTeacher, create_backbone
 from .segmentation import OpenVocabSegmenter, load_class_names
-from .utils import autocast_for
+from .utils import autocast_for, pass_through
 
 EVAL_MODES = ("single", "slide")
 
@@ -59,10 +59,6 @@ def read_prediction_png(path: str | Path) -> np.ndarray:
     """(H, W) int64 class indices from a PNG written by :func:`prediction_to_png`."""
     with Image.open(path) as image:
         return np.asarray(image, dtype=np.int64)
-
-
-def _pass_through(item: dict) -> dict:
-    return item
 
 
 def evaluate_benchmark(
@@ -112,7 +108,7 @@ def evaluate_benchmark(
         Subset(dataset, shard),
         batch_size=None,
         num_workers=num_workers,
-        collate_fn=_pass_through,
+        collate_fn=pass_through,
         pin_memory=device.type == "cuda",
     )
     skipped, evaluated = [], 0

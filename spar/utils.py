@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,3 +42,11 @@ def autocast_for(
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def pass_through(item: Any) -> Any:
+    """Collate for ``DataLoader(batch_size=None)``: items are used one at a time, as they are.
+
+    A named function rather than a lambda, so that worker processes can pickle it.
+    """
+    return item

@@ -45,11 +45,6 @@ def split_images(
     return ImageSplit(train, heldout)
 
 
-def pass_through(item: dict[str, Any]) -> dict[str, Any]:
-    """Collate for ``DataLoader(batch_size=None)``: one view at a time, left as it is."""
-    return item
-
-
 def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
     """A micro-batch of same-size views (size buckets) -> one dict.
 
@@ -120,12 +115,15 @@ class DistillationViews(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def plan_for(self, index: int, source_size: tuple[int, int]) -> AugmentationPlan:
+    def plan_for(
+        self, index: int, source_size: tuple[int, int], epoch: int | None = None
+    ) -> AugmentationPlan:
+        """The view of item ``index`` (in ``epoch``, default the current one)."""
         if self.fixed_views:
             image, draw = divmod(index, self.draws_per_image)
             rng = plan_generator(self.augment_seed, image, draw)
         else:
-            rng = plan_generator(self.augment_seed, self.epoch, index)
+            rng = plan_generator(self.augment_seed, self.epoch if epoch is None else epoch, index)
         return draw_plan(source_size, self.recipe, rng)
 
     def view_size(
@@ -136,13 +134,7 @@ class DistillationViews(Dataset):
         ``source_sizes`` holds the (H, W) of every image file (``None`` if unreadable).
         """
         source = source_sizes[index // self.draws_per_image]
-        if source is None:
-            return None
-        previous, self.epoch = self.epoch, epoch
-        try:
-            return self.plan_for(index, source).output
-        finally:
-            self.epoch = previous
+        return None if source is None else self.plan_for(index, source, epoch).output
 
     def target_shape(self, plan: AugmentationPlan) -> tuple[int, int, int]:
         patch = self.teacher_identity["patch_size"]

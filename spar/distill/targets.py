@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..distributed import DistributedContext
+from ..utils import pass_through
 from .cache import TeacherFeatureCache
-from .data import DistillationViews, pass_through
+from .data import DistillationViews
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 

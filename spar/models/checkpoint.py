@@ -96,27 +96,7 @@ def load_checkpoint(
         raise WeightLoadingError(
             f"checkpoint {path} was trained for backbone {saved_name!r}, not for {expected_name!r}"
         )
-    expected = backbone.state_dict()
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in sorted(tensors.items())
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if unexpected or wrong_shape:
-        details = "; ".join(
-            part
-            for part in (
-                f"unexpected keys: {', '.join(unexpected[:8])}" if unexpected else "",
-                f"shape mismatches: {', '.join(wrong_shape[:8])}" if wrong_shape else "",
-            )
-            if part
-        )
-        raise WeightLoadingError(f"checkpoint {path} does not fit the backbone; {details}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            target = expected[name]
-            target.copy_(tensor.to(target.dtype))
+    load_state_dict_strict(backbone, tensors, source=f"checkpoint {path}", partial=True)
     return metadata
 
 

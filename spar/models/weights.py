@@ -54,16 +54,20 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, partial: bool = False
+) -> None:
     """Load ``state`` into ``module``; on any mismatch raise one error listing all problems.
 
     Args:
         module: the model to fill.
         state: parameter name -> tensor.
         source: where the weights came from (a file name), quoted in the error.
+        partial: ``state`` may cover only part of the module (e.g. the trained blocks of a
+            SPAR checkpoint); its keys and shapes must still all fit.
     """
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = [] if partial else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -81,7 +85,7 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], so
         raise WeightLoadingError(
             f"weights from {source} do not fit the model; " + "; ".join(problems)
         )
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=not partial)
 
 
 def download_from_hub(hub_id: str) -> str:
