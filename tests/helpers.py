@@ -1,5 +1,8 @@
 """Test helpers: paths and small generated image folders."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +10,23 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def run_script(
+    name: str, *overrides: str, ranks: int = 1, cwd: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` with Hydra ``overrides`` offline, as users do (under
+    ``torchrun --standalone`` with ``ranks`` processes when above 1); fail on a non-zero exit."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = [*launcher, str(ROOT / "scripts" / name), *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 def write_scene_images(folder: Path, count: int = 5, size: tuple[int, int] = (240, 320)) -> Path:

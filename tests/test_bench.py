@@ -1,13 +1,10 @@
 """The benchmark: measurement helpers, the script on CPU, and compiled vs eager features."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import run_script
 from torch import nn
 
 from spar.bench import count_flops, format_table, relative_error, run_benchmark, time_call
@@ -49,9 +46,8 @@ def test_benchmark_counts_windows_and_flop_ratios(tiny_backbone):
 
 
 def test_bench_script_on_cpu_writes_table_json_and_plot(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench.py"),
+    result = run_script(
+        "bench.py",
         "device=cpu",
         "sizes=[[224,224],[224,448]]",
         "strides=[224,56,24]",
@@ -59,10 +55,7 @@ def test_bench_script_on_cpu_writes_table_json_and_plot(tmp_path):
         "train_batch_sizes=[1,2]",
         "repeats=2",
         f"hydra.run.dir={tmp_path}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
     assert "measured matmul peak" in result.stdout and "x FLOPs" in result.stdout
     results = json.loads((tmp_path / "bench_results.json").read_text())
     assert results["device"]["device"] == "cpu" and results["config"]["backbone"]["name"] == "tiny"

@@ -2,14 +2,11 @@
 recomputed from the saved prediction PNGs; protocol configs; eval.py in both modes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, ROOT, write_benchmark
+from helpers import CONFIGS, run_script, write_benchmark
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -47,9 +44,8 @@ def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
     mIoU recomputed from its saved prediction PNGs."""
     for name in BENCHMARKS:
         write_benchmark(name, tmp_path / "data" / name)
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "eval.py"),
+    run_script(
+        "eval.py",
         "--multirun",
         f"dataset={','.join(sorted(BENCHMARKS))}",
         "mode=single,slide",
@@ -60,10 +56,8 @@ def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
         "num_workers=0",
         "show_progress=false",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+        timeout=600,
+    )
     for name in BENCHMARKS:
         for mode in ("single", "slide"):
             run = tmp_path / "sweep" / f"{name}-tiny-{mode}"
@@ -155,9 +149,8 @@ def test_prediction_png_round_trip(tmp_path):
 @pytest.mark.parametrize("mode", ["single", "slide"])
 def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
     write_benchmark("voc21", tmp_path / "voc")
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "eval.py"),
+    result = run_script(
+        "eval.py",
         "dataset=voc21",
         f"dataset.root={tmp_path / 'voc'}",
         "dataset.bounds=[128,96]",
@@ -166,10 +159,7 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
         "save_predictions=true",
         "num_workers=0",
         f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
     assert "aeroplane" in result.stdout and "mIoU" in result.stdout
     written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert written["mode"] == mode and written["config"]["dataset"]["logit_scale"] == 65
@@ -211,19 +201,7 @@ def test_two_process_evaluation_sums_the_shards(tmp_path):
         "show_progress=false",
     ]
     single = run_evaluation(eval_config(*common[1:], "dataset=cityscapes"), tmp_path / "one")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "scripts" / "eval.py"),
-        *common,
-        f"hydra.run.dir={tmp_path / 'two'}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("eval.py", *common, f"hydra.run.dir={tmp_path / 'two'}", ranks=2)
     assert result.stdout.count("mIoU") == 1  # rank 0 prints
     sharded = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert sharded["num_images"] == 5

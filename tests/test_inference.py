@@ -2,13 +2,10 @@
 alignment of logits with the image when the backbone pads it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import run_script
 from PIL import Image
 from safetensors import safe_open
 
@@ -19,14 +16,6 @@ from spar.segmentation import OpenVocabSegmenter
 from spar.viz import feature_picture, segmentation_picture
 
 CAT = SAMPLE_IMAGES / "cat.jpg"
-
-
-def run_script(name, *overrides, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "scripts" / name), *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_segmentation_picture_is_one_call(tiny_backbone):

@@ -1,19 +1,15 @@
 """Entry points and configs: the demo end to end, backbone configs valid."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import open_clip
 import pytest
 import yaml
+from helpers import ROOT, run_script
 
 from spar.data import list_images
 from spar.demo import SAMPLE_IMAGES, compare_teacher_student
 from spar.models import backbone_entry, create_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -53,16 +49,13 @@ def test_demo_script_runs_with_hydra_overrides(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "rocket.jpg").write_bytes((SAMPLE_IMAGES / "rocket.jpg").read_bytes())
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "demo.py"),
+    result = run_script(
+        "demo.py",
         f"images={images}",
         "teacher.stride=64",
         "bounds=[128,96]",
         f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    )
     assert "mean cosine to the teacher" in result.stdout
     summary = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
     assert summary["stride"] == 64 and len(summary["images"]) == 1

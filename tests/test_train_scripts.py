@@ -1,12 +1,9 @@
 """scripts/train.py and scripts/cache_teacher.py as users run them, and under torchrun (gloo)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, write_scene_images
+from helpers import run_script, write_scene_images
 
 SMALL = [
     "data.augment.bounds=[160,128]",
@@ -21,39 +18,17 @@ SMALL = [
 ]
 
 
-def run(command, cwd, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
 def test_cache_script_then_training_reuses_every_entry(tmp_path):
     images = write_scene_images(tmp_path / "images", count=4)
     common = [f"data.root={images}", f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL]
-    filled = run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "cache_teacher.py"),
-            *common,
-            f"hydra.run.dir={tmp_path / 'fill'}",
-        ],
-        cwd=tmp_path,
+    filled = run_script(
+        "cache_teacher.py", *common, f"hydra.run.dir={tmp_path / 'fill'}", cwd=tmp_path
     )
     assert "3 computed, 0 reused" in filled.stdout
     stats = json.loads((tmp_path / "fill" / "cache_summary.json").read_text())
     assert stats["computed"] == 3
-    trained = run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "train.py"),
-            *common,
-            "trainer.epochs=2",
-            f"hydra.run.dir={tmp_path / 'train'}",
-        ],
-        cwd=tmp_path,
+    trained = run_script(
+        "train.py", *common, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path
     )
     assert "held-out 160x128" in trained.stdout
     summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
@@ -64,21 +39,18 @@ def test_cache_script_then_training_reuses_every_entry(tmp_path):
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_two_process_gloo_run_trains_and_saves_once(tmp_path, mode):
     images = write_scene_images(tmp_path / "images", count=5)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "scripts" / "train.py"),
+    result = run_script(
+        "train.py",
         f"data.root={images}",
         f"teacher.cache_dir={tmp_path / 'cache'}",
         f"teacher.mode={mode}",
         "trainer.epochs=2",
         "optim.lr=1e-3",
         *SMALL,
-    ]
-    result = run(command, cwd=tmp_path, timeout=400)
+        ranks=2,
+        cwd=tmp_path,
+        timeout=400,
+    )
     runs = list((tmp_path / "outputs" / "train" / "tiny").iterdir())
     assert len(runs) == 1, runs  # both ranks agree on one run directory
     run_dir = runs[0]
