@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.distill import fill_cache, fill_heldout_cache, prepare
-from spar.distributed import register_run_id_resolver, shutdown_distributed
+from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
 
 register_run_id_resolver()
@@ -16,12 +16,10 @@ register_run_id_resolver()
 
 @hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with distributed_job():
         setup = prepare(cfg)
         stats = fill_cache(setup)
         stats["heldout_unreadable"] = fill_heldout_cache(setup)
-    finally:
-        shutdown_distributed()
     if setup.context.is_main:
         out_dir = HydraConfig.get().runtime.output_dir
         stats["cache_dir"] = str(setup.cache.root)

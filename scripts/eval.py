@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spar.distributed import is_main_process, register_run_id_resolver, shutdown_distributed
+from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
 from spar.evaluation import format_results_table, run_evaluation
 
 register_run_id_resolver()
@@ -16,10 +16,8 @@ register_run_id_resolver()
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
-    try:
+    with distributed_job():
         results = run_evaluation(cfg, out_dir)
-    finally:
-        shutdown_distributed()
     if is_main_process():
         print(format_results_table(results))
         print(f"{results['dataset']} ({results['mode']}): results in {out_dir}/eval_results.json")

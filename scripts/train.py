@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.distill import run_distillation
-from spar.distributed import is_main_process, register_run_id_resolver, shutdown_distributed
+from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
 
 register_run_id_resolver()
 
@@ -16,10 +16,8 @@ register_run_id_resolver()
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
-    try:
+    with distributed_job():
         summary = run_distillation(cfg, out_dir)
-    finally:
-        shutdown_distributed()
     if not is_main_process():
         return
     print(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -76,6 +78,24 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 180) -> Dist
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return DistributedContext(rank, world_size, local_rank, chosen)
+
+
+@contextlib.contextmanager
+def distributed_job() -> Iterator[None]:
+    """Wrap a script's work: leave the process group when it ends.
+
+    On success every rank first waits for the others (so no rank tears the group down while a
+    peer still finishes its last collective); after an error it leaves at once, since the
+    peers may never reach a barrier.
+    """
+    try:
+        yield
+    except BaseException:
+        shutdown_distributed()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    shutdown_distributed()
 
 
 def shutdown_distributed() -> None:

@@ -317,3 +317,13 @@ def test_bucketed_batches_train_and_resume_exactly(tmp_path):
 def test_a_missing_required_setting_is_named_with_its_full_key(tmp_path):
     with pytest.raises(ValueError, match=r"data\.root is required"):
         run_distillation(train_config(tmp_path, "data=sa1b"), tmp_path / "run")
+
+
+def test_distributed_job_passes_errors_through_without_a_process_group():
+    from spar.distributed import distributed_job
+
+    with distributed_job():
+        value = 1
+    assert value == 1
+    with pytest.raises(KeyError, match="boom"), distributed_job():
+        raise KeyError("boom")
