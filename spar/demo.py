@@ -19,6 +19,7 @@ from .data import load_image, resize_to_fit
 from .io import atomic_save_image, atomic_write_json
 from .models import SlidingWindowTeacher
 from .segmentation import OpenVocabSegmenter, parse_classes
+from .utils import module_device
 from .viz import overlay, pca_rgb, side_by_side, to_pil
 
 SAMPLE_IMAGES = Path(__file__).parent / "assets" / "samples"
@@ -69,7 +70,7 @@ def compare_teacher_student(
     )
     segmenter = OpenVocabSegmenter.from_backbone(distilled or backbone, classes)
     names = [synonyms[0] for synonyms in parse_classes(classes)]
-    device = next(backbone.parameters()).device
+    device = module_device(backbone)
     rows = []
     for path in tqdm(list(image_paths), desc="teacher vs student", unit="image"):
         image = resize_to_fit(load_image(path), bounds)

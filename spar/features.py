@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .data.images import load_image, resize_to_fit, to_model_input
 from .io import atomic_path
+from .utils import module_device
 
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -52,7 +53,7 @@ def extract_features(
     """
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
-    device = next(dense.parameters()).device
+    device = module_device(dense)
     counts = {"written": 0, "kept": 0, "skipped": 0, "skipped_files": []}
     for path in tqdm(list(paths), desc="features", unit="img", disable=not show_progress):
         target = feature_path(Path(path), Path(root), Path(out_dir))

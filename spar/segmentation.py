@@ -13,6 +13,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 from .models.base import check_images
+from .utils import module_device
 
 Template = Callable[[str], str]
 ClassEntry = str | Sequence[str]
@@ -97,6 +98,8 @@ def build_text_classifier(
     Returns:
         embeddings: (N_names, C) float32, unit norm; names in class order, synonyms adjacent.
         name_to_class: (N_names,) long, the class index of every name.
+
+        Both live on the device ``encode_text`` returns its embeddings on.
     """
     if not templates:
         raise ValueError("at least one prompt template is needed")
@@ -104,9 +107,11 @@ def build_text_classifier(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     synonyms = parse_classes(classes)
     names = [name for group in synonyms for name in group]
-    name_to_class = torch.tensor([i for i, group in enumerate(synonyms) for _ in group])
     prompts = [template(name) for name in names for template in templates]
     per_prompt = _encode_prompts(encode_text, prompts, batch_size)
+    name_to_class = torch.tensor(
+        [i for i, group in enumerate(synonyms) for _ in group], device=per_prompt.device
+    )
     per_name = per_prompt.view(len(names), len(templates), -1).mean(dim=1)
     return F.normalize(per_name, dim=-1), name_to_class
 
@@ -134,7 +139,9 @@ class OpenVocabSegmenter(nn.Module):
     """Per-pixel classification of dense features by cosine similarity to class-name embeddings.
 
     The text embeddings are computed once, at construction, and kept as (non-persistent)
-    buffers, so ``.to(device)`` moves them (and ``features`` too when it is a Module).
+    buffers on the device ``encode_text`` returns, so ``.to(device)`` moves them (and
+    ``features`` too when it is a Module). :meth:`from_backbone` puts everything on the
+    backbone's device.
 
     Background rules in :meth:`predict` both map pixels to class 0, in this order: first
     ``prob_threshold`` (per pixel), then ``area_threshold`` (per image, on the thresholded mask).
@@ -187,10 +194,12 @@ class OpenVocabSegmenter(nn.Module):
     ) -> OpenVocabSegmenter:
         """Segment with ``dense`` (default: the backbone's own forward) and the backbone's text.
 
-        ``kwargs`` go to the constructor (``logit_scale``, thresholds, ``templates``).
+        The segmenter is placed on the backbone's device. ``kwargs`` go to the constructor
+        (``logit_scale``, thresholds, ``templates``).
         """
         features = dense if dense is not None else backbone
-        return cls(features, backbone.encode_text, classes, **kwargs)
+        segmenter = cls(features, backbone.encode_text, classes, **kwargs)
+        return segmenter.to(module_device(backbone, default=segmenter.text_embeddings.device))
 
     @property
     def num_classes(self) -> int:

@@ -21,6 +21,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def module_device(module: object, default: torch.device | str = "cpu") -> torch.device:
+    """The device of ``module``'s first parameter (or buffer).
+
+    ``default`` for objects that hold no tensors, e.g. duck-typed backbones or plain callables.
+    """
+    for tensors in ("parameters", "buffers"):
+        for tensor in getattr(module, tensors, lambda: ())():
+            return tensor.device
+    return torch.device(default)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (``None``: full float32).
 
@@ -42,6 +53,26 @@ def autocast_for(
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor that must be finite (teacher map, loss, weights to save) holds NaN or inf."""
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``tensor`` if all its values are finite, else raise :class:`NonFiniteError`.
+
+    ``what`` names the tensor in the message, e.g. ``"teacher map of a.jpg at step 12"``.
+    """
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NonFiniteError(
+            f"{what} holds {bad} NaN/inf values out of {finite.numel()}; stopping here so that "
+            "nothing non-finite is trained on or saved (finished checkpoints and cache entries "
+            "are kept)"
+        )
+    return tensor
 
 
 def pass_through(item: Any) -> Any:

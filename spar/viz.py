@@ -16,6 +16,7 @@ from torch import nn
 
 from .data.images import load_image, resize_to_fit, to_model_input
 from .segmentation import OpenVocabSegmenter, parse_classes
+from .utils import module_device
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -140,7 +141,7 @@ def _prepared(
         raise ValueError(f"image must be a path or a (3, H, W) tensor, got {tuple(pixels.shape)}")
     if bounds is not None:
         pixels = resize_to_fit(pixels, bounds)
-    device = next(backbone.parameters()).device
+    device = module_device(backbone)
     return pixels, to_model_input(pixels, backbone.mean, backbone.std).to(device)
 
 

@@ -36,9 +36,18 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 
 
 def window_offsets(length: int, window: int, stride: int) -> list[int]:
-    """Window origins along one axis: stride steps, the last one flush with the border."""
+    """Window origins along one axis: stride steps, the last one flush with the border.
+
+    Raises:
+        ValueError: ``stride > window`` would leave pixels between windows uncovered.
+    """
     if length <= window:
         return [0]
+    if stride > window:
+        raise ValueError(
+            f"stride {stride} is larger than the window {window}: pixels between "
+            "windows would be left uncovered"
+        )
     count = math.ceil((length - window) / stride) + 1
     return [min(i * stride, length - window) for i in range(count)]
 
@@ -98,19 +107,22 @@ class WindowLayout:
         """(rows, cols) of one window's map after upsampling by the factor."""
         return (self.window[0] // self.cell[0], self.window[1] // self.cell[1])
 
-    def cell_indices(self) -> torch.Tensor:
+    def cell_indices(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(num_windows, rows * cols) flat canvas index of every cell of every window."""
         rows, cols = self.window_cells
         canvas_cols = self.canvas_size[1]
-        local = (torch.arange(rows)[:, None] * canvas_cols + torch.arange(cols)[None, :]).flatten()
-        origins = torch.tensor(self.origins)
+        row_ids = torch.arange(rows, device=device)[:, None]
+        local = (row_ids * canvas_cols + torch.arange(cols, device=device)[None, :]).flatten()
+        origins = torch.tensor(self.origins, device=device)
         starts = origins[:, 0] // self.cell[0] * canvas_cols + origins[:, 1] // self.cell[1]
         return starts[:, None] + local[None, :]
 
-    def coverage(self) -> torch.Tensor:
-        """(rows, cols) number of windows covering every canvas cell."""
-        indices = self.cell_indices().flatten()
-        counts = torch.bincount(indices, minlength=self.canvas_size[0] * self.canvas_size[1])
+    def coverage(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(rows, cols) long, the number of windows covering every canvas cell."""
+        indices = self.cell_indices(device).flatten()
+        # index_add_ rather than bincount: the same result, and it also runs on the meta device
+        counts = indices.new_zeros(self.canvas_size[0] * self.canvas_size[1])
+        counts.index_add_(0, indices, torch.ones_like(indices))
         return counts.view(self.canvas_size)
 
 
@@ -126,7 +138,8 @@ class SlidingWindowTeacher(nn.Module):
         window: window size (int or (h, w)); defaults to ``backbone.native_size``. Must be a
             multiple of the patch size.
         stride: step between windows in pixels (int or (sy, sx)); need not be a multiple of the
-            patch size (24 by default).
+            patch size (24 by default), and must not exceed the window, so that every pixel is
+            covered.
         batch_size: at most this many windows go through the backbone at once.
     """
 
@@ -145,6 +158,11 @@ class SlidingWindowTeacher(nn.Module):
         if any(w % self.patch_size for w in self.window):
             raise ValueError(
                 f"window {self.window} must be a multiple of the patch size {self.patch_size}"
+            )
+        if any(s > w for s, w in zip(self.stride, self.window, strict=True)):
+            raise ValueError(
+                f"stride {self.stride} is larger than the window {self.window}: pixels between "
+                "windows would be left uncovered; use a stride of at most the window size"
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -190,7 +208,7 @@ class SlidingWindowTeacher(nn.Module):
         if len(layout.origins) == 1:
             return self.backbone(images).float()
         canvas = self._accumulate(images, layout)
-        counts = layout.coverage().to(canvas.device, canvas.dtype)
+        counts = layout.coverage(canvas.device).to(canvas.dtype)
         canvas = canvas / counts
         grid = (layout.image_size[0] // self.patch_size, layout.image_size[1] // self.patch_size)
         if tuple(canvas.shape[-2:]) != grid:
@@ -208,7 +226,7 @@ class SlidingWindowTeacher(nn.Module):
         rows, cols = layout.canvas_size
         cells_per_image = rows * cols
         device = images.device
-        window_cells = layout.cell_indices().to(device)  # (W, cells of one window)
+        window_cells = layout.cell_indices(device)  # (W, cells of one window)
         origins = torch.tensor(layout.origins, device=device)  # (W, 2)
         num_windows = len(layout.origins)
         job_image = torch.arange(batch, device=device).repeat_interleave(num_windows)
