@@ -22,10 +22,11 @@ from spar.distill import (
     epoch_order,
     run_distillation,
 )
-from spar.distill.trainer import learning_rate_factor, resolve_resume_paths
+from spar.distill.trainer import Distiller, learning_rate_factor, resolve_resume_paths
 from spar.distributed import register_run_id_resolver
-from spar.models import WeightLoadingError, create_backbone
+from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
 from spar.models.checkpoint import read_checkpoint
+from spar.utils import NonFiniteError
 
 register_run_id_resolver()
 
@@ -327,3 +328,60 @@ def test_distributed_job_passes_errors_through_without_a_process_group():
     assert value == 1
     with pytest.raises(KeyError, match="boom"), distributed_job():
         raise KeyError("boom")
+
+
+def poison_teacher_call(monkeypatch, call: int) -> None:
+    """Make the ``call``-th teacher forward (1-based) return NaN everywhere."""
+    original = SlidingWindowTeacher.forward
+    calls = {"count": 0}
+
+    def forward(self, images):
+        calls["count"] += 1
+        maps = original(self, images)
+        return torch.full_like(maps, math.nan) if calls["count"] == call else maps
+
+    monkeypatch.setattr(SlidingWindowTeacher, "forward", forward)
+
+
+def assert_checkpoint_finite_at_step(run_dir, step):
+    tensors, metadata = read_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["extra"]["step"] == step
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_a_non_finite_teacher_map_stops_training_naming_image_and_step(tmp_path, monkeypatch):
+    # online: 2 held-out maps first, then one teacher call per micro-step; call 5 = step 2
+    poison_teacher_call(monkeypatch, call=5)
+    with pytest.raises(
+        NonFiniteError, match=r"teacher map of \S+scene_0\d\.jpg \(view \d+\) at step 2"
+    ):
+        small_run(
+            tmp_path, "run", "teacher.mode=online", "trainer.checkpoint_every=1", "trainer.epochs=1"
+        )
+    assert_checkpoint_finite_at_step(tmp_path / "run", 2)
+
+
+def test_a_non_finite_teacher_map_stops_the_cache_fill_keeping_finished_entries(
+    tmp_path, monkeypatch
+):
+    poison_teacher_call(monkeypatch, call=4)
+    with pytest.raises(NonFiniteError, match=r"teacher map of \S+scene_0\d\.jpg"):
+        small_run(tmp_path, "run")
+    entries = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(entries) == 3
+    for entry in entries:
+        with safe_open(str(entry), framework="pt") as file:
+            assert all(torch.isfinite(file.get_tensor(k)).all() for k in file.keys())
+
+
+def test_a_non_finite_loss_stops_training_before_the_optimizer_step(tmp_path, monkeypatch):
+    original = Distiller._loss
+
+    def loss(self, batch):
+        value, used = original(self, batch)
+        return (value * math.nan if self.state.step == 2 else value), used
+
+    monkeypatch.setattr(Distiller, "_loss", loss)
+    with pytest.raises(NonFiniteError, match=r"the loss at step 2 \(images: \S+scene_0\d\.jpg"):
+        small_run(tmp_path, "run", "trainer.checkpoint_every=1", "trainer.epochs=1")
+    assert_checkpoint_finite_at_step(tmp_path / "run", 2)

@@ -84,7 +84,29 @@ def test_teacher_map_has_the_student_shape(patch_average_backbone, stride, size)
     assert stitched.shape[-2:] == (math.ceil(size[0] / 16), math.ceil(size[1] / 16))
 
 
-@pytest.mark.parametrize("stride", [16, 32, 48])
+@pytest.mark.parametrize("size", [(64, 64), (80, 200), (272, 96), (300, 301)])
+def test_every_stride_up_to_the_window_covers_every_cell(patch_average_backbone, size):
+    for stride in range(1, 65):
+        teacher = SlidingWindowTeacher(patch_average_backbone, window=64, stride=stride)
+        coverage = teacher.layout(*size).coverage()
+        assert coverage.min() >= 1, f"stride {stride} leaves cells of {size} uncovered"
+    stitched = teacher(dyadic_image(*size))  # stride = window
+    assert torch.isfinite(stitched).all()
+    assert torch.equal(stitched, patch_average_backbone(dyadic_image(*size)))
+
+
+@pytest.mark.parametrize("stride", [65, 100, 500, (24, 65)])
+def test_a_stride_larger_than_the_window_is_rejected_with_the_numbers(
+    patch_average_backbone, stride
+):
+    with pytest.raises(ValueError, match=r"stride .*65|stride .*100|stride .*500") as error:
+        SlidingWindowTeacher(patch_average_backbone, window=64, stride=stride)
+    assert "(64, 64)" in str(error.value) and "uncovered" in str(error.value)
+    with pytest.raises(ValueError, match="stride 500 is larger than the window 224"):
+        window_offsets(896, 224, 500)
+
+
+@pytest.mark.parametrize("stride", [16, 32, 48, 64])
 @pytest.mark.parametrize("size", [(160, 208), (100, 150)])
 def test_local_backbone_with_patch_multiple_stride_is_exact(patch_average_backbone, stride, size):
     images = dyadic_image(*size)

@@ -69,7 +69,9 @@ def build_heldout_sets(
                 shape = (teacher.embed_dim, *patch_grid(*view.shape[-2:], teacher.patch_size))
                 target = cache.load(key, shape)
             if target is None:
-                target = teacher_map(teacher, view[0].to(device), autocast).half().cpu()
+                source = f"held-out image {path} at {heldout.name}"
+                target = teacher_map(teacher, view[0].to(device), autocast, source)
+                target = target.half().cpu()
                 if cache is not None:
                     description = {"teacher": teacher_part, "image": image_part, "view": view_part}
                     cache.save(key, target, description)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..distributed import DistributedContext
-from ..utils import pass_through
+from ..utils import check_finite, pass_through
 from .cache import TeacherFeatureCache
 from .data import DistillationViews
 
@@ -25,11 +25,20 @@ def no_autocast() -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def teacher_map(
-    teacher: nn.Module, image: torch.Tensor, autocast: Autocast = no_autocast
+    teacher: nn.Module,
+    image: torch.Tensor,
+    autocast: Autocast = no_autocast,
+    source: str = "an image",
 ) -> torch.Tensor:
-    """(3, H, W) normalised view on the teacher's device -> (C, h, w) float32 stitched map."""
+    """(3, H, W) normalised view on the teacher's device -> (C, h, w) float32 stitched map.
+
+    Raises:
+        NonFiniteError: the map holds NaN or inf; the message names ``source`` (the image, and
+            the step where there is one).
+    """
     with autocast():
-        return teacher(image[None])[0].float()
+        stitched = teacher(image[None])[0].float()
+    return check_finite(stitched, f"the teacher map of {source}")
 
 
 def fill_teacher_cache(
@@ -77,7 +86,8 @@ def fill_teacher_cache(
                 counts["reused"] += 1
                 continue
             image = item["image"].to(context.device, non_blocking=True)
-            cache.save(item["key"], teacher_map(teacher, image, autocast), item["description"])
+            target = teacher_map(teacher, image, autocast, source=item["path"])
+            cache.save(item["key"], target, item["description"])
             counts["computed"] += 1
     finally:
         views.load_targets = previous

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..distributed import DistributedContext
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..utils import PRECISIONS, autocast_dtype
+from ..utils import PRECISIONS, autocast_dtype, check_finite
 from .buckets import bucket_batches, image_size
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, collate_views
@@ -254,7 +254,8 @@ class Distiller:
         target = item.get("target")
         if target is not None:
             return target.to(self.device, non_blocking=True).float()
-        target = teacher_map(self.teacher, image, self.autocast)
+        source = f"{item['path']} (view {item['index']}) at step {self.state.step}"
+        target = teacher_map(self.teacher, image, self.autocast, source)
         if self.cache is not None and item.get("key") is not None:
             self.cache.save(item["key"], target, item["description"])
         return target
@@ -281,6 +282,11 @@ class Distiller:
         with self.autocast():
             prediction = self.model(images)
         return F.mse_loss(prediction.float(), targets), len(batch["items"])
+
+    def _check_loss(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Stop before a non-finite loss reaches the optimizer; name the views and the step."""
+        paths = ", ".join(item["path"] for item in batch["items"])
+        check_finite(loss.detach(), f"the loss at step {self.state.step} (images: {paths})")
 
     def _optimizer_step(self) -> None:
         if self.settings.grad_clip is not None:
@@ -440,6 +446,7 @@ class Distiller:
                 group = min(settings.accumulate, len(batches) - group_start)
                 self.scaler.scale(loss / group).backward()
             if used:
+                self._check_loss(loss, batch)
                 window_loss += loss.item() * used
                 window_count += used
                 self.state.images_seen += used
