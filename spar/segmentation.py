@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,6 +136,14 @@ def _resolve_size(images: torch.Tensor, output_size: Sequence[int] | None) -> tu
     return size
 
 
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch off an enclosing autocast on ``device``, so that the ops inside run in float32."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
 class OpenVocabSegmenter(nn.Module):
     """Per-pixel classification of dense features by cosine similarity to class-name embeddings.
 
@@ -222,12 +231,13 @@ class OpenVocabSegmenter(nn.Module):
         """
         size = _resolve_size(images, output_size)
         features = self._unit_features(images)
-        cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
-        logits = self.logit_scale * cosine + self.logit_bias
-        logits = self._crop_padding(logits, images.shape[-2:])
-        if tuple(logits.shape[-2:]) == tuple(size):
-            return logits
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        with _without_autocast(features.device):  # bf16 cosines would flip near ties
+            cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
+            logits = self.logit_scale * cosine + self.logit_bias
+            logits = self._crop_padding(logits, images.shape[-2:])
+            if tuple(logits.shape[-2:]) == tuple(size):
+                return logits
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def _crop_padding(self, logits: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         """Drop the part of the grid that covers the backbone's bottom/right padding.
@@ -262,7 +272,9 @@ class OpenVocabSegmenter(nn.Module):
         Returns:
             (B, K, H_out, W_out) float32.
         """
-        probabilities = self.name_logits(images, output_size).softmax(dim=1)
+        name_logits = self.name_logits(images, output_size)
+        with _without_autocast(name_logits.device):
+            probabilities = name_logits.softmax(dim=1)
         batch, _, height, width = probabilities.shape
         index = self.name_to_class.view(1, -1, 1, 1).expand_as(probabilities)
         scores = probabilities.new_zeros(batch, self.num_classes, height, width)

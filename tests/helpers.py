@@ -13,12 +13,18 @@ CONFIGS = ROOT / "configs"
 
 
 def run_script(
-    name: str, *overrides: str, ranks: int = 1, cwd: Path | None = None, timeout: int = 300
+    name: str,
+    *overrides: str,
+    ranks: int = 1,
+    torchrun: bool = False,
+    cwd: Path | None = None,
+    timeout: int = 300,
 ) -> subprocess.CompletedProcess:
     """Run ``scripts/<name>`` with Hydra ``overrides`` offline, as users do (under
-    ``torchrun --standalone`` with ``ranks`` processes when above 1); fail on a non-zero exit."""
+    ``torchrun --standalone`` with ``ranks`` processes when above 1, or when ``torchrun`` is set,
+    e.g. ``torchrun --nproc_per_node 1``); fail on a non-zero exit."""
     launcher = [sys.executable]
-    if ranks > 1:
+    if ranks > 1 or torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command = [*launcher, str(ROOT / "scripts" / name), *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -151,3 +151,19 @@ def test_every_tensor_factory_in_the_library_names_its_device():
         "torch factories without device= (pass the device of the inputs or the model, or add "
         f"the call to CPU_BY_DESIGN with the reason): {sorted(unreviewed)}"
     )
+
+
+def test_normalize_puts_images_on_the_backbone_device(backbone_on_stand_in):
+    """The README's ``x = backbone.normalize(image)`` on a CPU image feeds a GPU backbone."""
+    x = backbone_on_stand_in.normalize(torch.rand(3, 40, 56))
+    assert x.device == STAND_IN and x.shape == (1, 3, 40, 56)
+
+
+def test_segmenter_scores_are_float32_under_bf16_autocast(tiny_backbone):
+    segmenter = OpenVocabSegmenter.from_backbone(tiny_backbone, CLASSES, templates=ONE_TEMPLATE)
+    images = tiny_backbone.normalize(torch.rand(3, 48, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        name_logits = segmenter.name_logits(images)
+        scores = segmenter.logits(images)
+    assert name_logits.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(scores, segmenter.logits(images), atol=0.05, rtol=0)

@@ -142,8 +142,9 @@ class DenseBackbone(nn.Module):
         return next(self.parameters()).device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) or (B, 3, H, W) in [0, 1] -> (B, 3, H, W) normalised for this backbone."""
-        return to_model_input(images, self.mean, self.std)
+        """(3, H, W) or (B, 3, H, W) in [0, 1] -> (B, 3, H, W) normalised for this backbone, on its
+        device."""
+        return to_model_input(images.to(self.device), self.mean, self.std)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """Feature-map size (rows, cols) for an image of ``height`` x ``width``."""
