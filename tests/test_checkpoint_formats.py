@@ -2,17 +2,29 @@
 dicts), detected and mapped onto our backbones, with clear errors."""
 
 import os
+import pathlib
+import sys
+import types
+from collections import defaultdict
 
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from spar.models import WeightLoadingError, create_backbone
 from spar.models.checkpoint import load_any_checkpoint, read_released_weights, save_checkpoint
+from spar.models.weights import read_weight_file
+
+
+class AttributeDict(dict):
+    """Lightning's hyper-parameter container, pickled under its real name (see the fixture)."""
+
+    __module__ = "lightning.fabric.utilities.data"
 
 
 class TrainingHyperParameters(dict):
-    """Stands for the authors' training-code classes pickled into a Lightning checkpoint."""
+    """Stands for a class of the authors' training code pickled into a Lightning checkpoint."""
 
 
 class DeletesAFile:
@@ -23,6 +35,16 @@ class DeletesAFile:
 
     def __reduce__(self):
         return (os.remove, (self.path,))
+
+
+@pytest.fixture(autouse=True)
+def lightning_module(monkeypatch):
+    """Make :class:`AttributeDict` importable as Lightning's, so ``torch.save`` names it so."""
+    parts = AttributeDict.__module__.split(".")
+    for depth in range(1, len(parts) + 1):  # pickle imports the module, so its parents too
+        name = ".".join(parts[:depth])
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[AttributeDict.__module__].AttributeDict = AttributeDict
 
 
 @pytest.fixture(params=["tiny", "siglip2-tiny"])
@@ -43,8 +65,12 @@ def write_lightning(path, state, extra=None):
             **{f"segmentor.net.{k}": v for k, v in state.items()},
             "segmentor.teacher.model.visual.proj": torch.zeros(2, 2),  # not ours: ignored
         },
-        "hyper_parameters": TrainingHyperParameters(lr=2e-5, backbone="siglip2"),
+        "hyper_parameters": AttributeDict(lr=2e-5, backbone="siglip2", callbacks=[]),
+        "hparams_name": "kwargs",
         "optimizer_states": [{"state": {}, "param_groups": []}],
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'miou'}": {"best_model_score": torch.tensor(0.4)}
+        },
         **(extra or {}),
     }
     torch.save(checkpoint, path)
@@ -117,13 +143,50 @@ def test_unrecognised_layout_names_the_expected_ones(tmp_path):
         create_backbone("tiny", checkpoint=tmp_path / "junk.ckpt")
 
 
+def test_omegaconf_hyper_parameters_are_read_without_their_code(tmp_path):
+    released = create_backbone("tiny", pretrained=None, seed=2)
+    config = OmegaConf.create(
+        {"optim": {"lr": 2e-5, "betas": [0.9, 0.999]}, "resume": None, "root": pathlib.Path("/d")}
+    )
+    write_lightning(tmp_path / "spar.ckpt", model_state(released), {"hyper_parameters": config})
+    backbone = create_backbone("tiny", checkpoint=tmp_path / "spar.ckpt")
+    assert_weights_equal(backbone, model_state(released))
+    stand_in = read_weight_file(tmp_path / "spar.ckpt")["hyper_parameters"]
+    assert type(stand_in).__name__ == "DictConfig" and not isinstance(stand_in, DictConfig)
+
+
+def test_stand_ins_are_plain_values_or_inert(tmp_path):
+    torch.save(
+        {
+            "hparams": AttributeDict(lr=2e-5),
+            "counts": defaultdict(list, {"val": [1]}),
+            "root": pathlib.Path("/data"),
+        },
+        tmp_path / "extras.ckpt",
+    )
+    content = read_weight_file(tmp_path / "extras.ckpt")
+    assert type(content["hparams"]) is dict and content["hparams"] == {"lr": 2e-5}
+    assert type(content["counts"]) is dict and content["counts"] == {"val": [1]}
+    assert not isinstance(content["root"], pathlib.PurePath)
+
+
 def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("still here")
     released = create_backbone("tiny", pretrained=None, seed=1)
-    write_lightning(
-        tmp_path / "hostile.ckpt", model_state(released), {"trap": DeletesAFile(str(victim))}
-    )
-    backbone = create_backbone("tiny", checkpoint=tmp_path / "hostile.ckpt")
+    path = tmp_path / "hostile.ckpt"
+    write_lightning(path, model_state(released), {"trap": DeletesAFile(str(victim))})
+    with pytest.raises(WeightLoadingError) as error:
+        create_backbone("tiny", checkpoint=path)
+    assert f"refused to read {path}: it names {os.remove.__module__}.remove." in str(error.value)
     assert victim.read_text() == "still here"
-    assert_weights_equal(backbone, model_state(released))
+
+
+def test_an_unknown_class_in_the_hyper_parameters_is_refused(tmp_path):
+    released = create_backbone("tiny", pretrained=None, seed=1)
+    path = tmp_path / "custom.ckpt"
+    write_lightning(path, model_state(released), {"hyper_parameters": TrainingHyperParameters()})
+    with pytest.raises(WeightLoadingError) as error:
+        create_backbone("tiny", checkpoint=path)
+    name = f"{TrainingHyperParameters.__module__}.{TrainingHyperParameters.__qualname__}"
+    assert f"refused to read {path}: it names {name}." in str(error.value)

@@ -25,7 +25,7 @@ from spar.distill import (
 from spar.distill.trainer import Distiller, learning_rate_factor, resolve_resume_paths
 from spar.distributed import register_run_id_resolver
 from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
-from spar.models.checkpoint import read_checkpoint
+from spar.models.checkpoint import read_checkpoint, save_checkpoint
 from spar.utils import NonFiniteError
 
 register_run_id_resolver()
@@ -385,3 +385,15 @@ def test_a_non_finite_loss_stops_training_before_the_optimizer_step(tmp_path, mo
     with pytest.raises(NonFiniteError, match=r"the loss at step 2 \(images: \S+scene_0\d\.jpg"):
         small_run(tmp_path, "run", "trainer.checkpoint_every=1", "trainer.epochs=1")
     assert_checkpoint_finite_at_step(tmp_path / "run", 2)
+
+
+def test_a_non_finite_parameter_is_never_saved(tmp_path):
+    backbone = create_backbone("tiny")
+    path = save_checkpoint(tmp_path / "last.safetensors", backbone, {"step": 4})
+    before = path.read_bytes()
+    name, parameter = next((n, p) for n, p in backbone.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        parameter.view(-1)[3] = math.inf
+    with pytest.raises(NonFiniteError, match=rf"parameter {name}, to be saved in \S+ at step 5"):
+        save_checkpoint(path, backbone, {"step": 5})
+    assert path.read_bytes() == before

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..distributed import DistributedContext
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.weights import WeightLoadingError, read_weight_file
 from ..utils import PRECISIONS, autocast_dtype, check_finite
 from .buckets import bucket_batches, image_size
 from .cache import TeacherFeatureCache
@@ -338,10 +339,12 @@ class Distiller:
         self.context.barrier()
 
     def _state_bytes(self) -> bytes:
+        """Everything :meth:`resume` restores besides the weights, as ``torch.save`` bytes of
+        tensors and plain values only, so that ``weights_only=True`` reads them."""
         buffer = io.BytesIO()
         rng = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": self._numpy_rng_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -366,7 +369,7 @@ class Distiller:
         """
         weights, state_path = resolve_resume_paths(path)
         load_checkpoint(self.student, weights)
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = self._read_state(state_path)
         if saved["total_steps"] != self.total_steps:
             warnings.warn(
                 f"resuming a run planned for {saved['total_steps']} steps with "
@@ -381,10 +384,43 @@ class Distiller:
         self.scaler.load_state_dict(saved["scaler"])
         rng = saved["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        self._set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+    _STATE_KEYS = ("state", "optimizer", "scheduler", "scaler", "rng", "total_steps")
+
+    @classmethod
+    def _read_state(cls, path: Path) -> dict[str, Any]:
+        """The training state written by :meth:`_state_bytes`, read without running code."""
+        saved = read_weight_file(path)
+        if not isinstance(saved, dict) or not set(cls._STATE_KEYS) <= set(saved):
+            raise WeightLoadingError(
+                f"cannot resume: {path} is not a SPAR training state (expected the entries "
+                f"{', '.join(cls._STATE_KEYS)})"
+            )
+        return saved
+
+    @staticmethod
+    def _numpy_rng_state() -> dict[str, Any]:
+        """``np.random.get_state()`` as a tensor and plain values, for ``weights_only``."""
+        kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
+        return {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+
+    @staticmethod
+    def _set_numpy_rng_state(saved: dict[str, Any]) -> None:
+        """Restore numpy's global RNG from :meth:`_numpy_rng_state`'s dict."""
+        key = saved["key"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (saved["kind"], key, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 

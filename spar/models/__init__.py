@@ -3,7 +3,7 @@
 from . import dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
 from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
 from .registry import backbone_entry, create_backbone, list_backbones, register_backbone
-from .teacher import SlidingWindowTeacher, WindowLayout
+from .teacher import SlidingWindowTeacher, WindowLayout, build_teacher
 from .weights import WeightLoadingError
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "WeightLoadingError",
     "WindowLayout",
     "backbone_entry",
+    "build_teacher",
     "check_images",
     "create_backbone",
     "list_backbones",

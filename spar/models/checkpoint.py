@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path
-from .weights import WeightLoadingError, load_state_dict_strict
+from ..utils import check_finite
+from .weights import WeightLoadingError, load_state_dict_strict, read_weight_file
 
 CHECKPOINT_FORMAT = "spar-checkpoint-v1"
 
@@ -42,10 +43,17 @@ def save_checkpoint(
         backbone: the (unwrapped) backbone; its ``identity`` (set by ``create_backbone``) is
             recorded so that loading into another backbone fails clearly.
         extra: JSON-serialisable information stored under ``metadata["extra"]``.
+
+    Raises:
+        NonFiniteError: a parameter holds NaN or inf; nothing is written, so the file already at
+            ``path`` (an earlier, finite checkpoint) stays.
     """
     state = trainable_state_dict(backbone)
     if not state:
         raise ValueError("the backbone has no trainable parameters to save")
+    step = f" at step {extra['step']}" if extra and "step" in extra else ""
+    for name, tensor in state.items():
+        check_finite(tensor, f"parameter {name}, to be saved in {path}{step},")
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "backbone": json.dumps(getattr(backbone, "identity", None) or {"name": None}),
@@ -104,77 +112,6 @@ def load_checkpoint(
 
 LIGHTNING_PREFIX = "segmentor.net.model."
 MODEL_PREFIX = "model."
-# What a state dict needs to unpickle: tensor/storage rebuilders, dtypes, ordered dicts, numpy
-# scalars. Everything else becomes a placeholder; no other code is ever imported or called.
-_SAFE_MODULES = {
-    "torch._utils",
-    "torch._tensor",
-    "torch.storage",
-    "torch.nn.parameter",
-    "collections",
-    "numpy",
-    "numpy.core.multiarray",
-    "numpy._core.multiarray",
-    "_codecs",
-}
-_SAFE_BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "slice", "int", "float", "complex"}
-_SAFE_BUILTINS |= {"bool", "str", "bytes", "bytearray", "object"}
-
-
-class _Placeholder:
-    """Stands in for any class a checkpoint pickles that is not needed (e.g. Lightning hparams)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.args = args
-
-    def __setstate__(self, state) -> None:
-        self.state = state
-
-    def __setitem__(self, key, value) -> None:  # dict-like classes are rebuilt item by item
-        pass
-
-    def append(self, value) -> None:  # list-like classes likewise
-        pass
-
-    def extend(self, values) -> None:
-        pass
-
-
-class _PlaceholderUnpickler:
-    """A ``pickle_module`` for ``torch.load`` that never imports code outside torch/numpy.
-
-    Lightning checkpoints pickle their hyper-parameters and callbacks with classes from the
-    training code; those are replaced by inert placeholders, so reading the weights needs
-    neither that code nor trust in it.
-    """
-
-    import pickle as _pickle
-
-    class Unpickler(_pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            if module == "builtins" and name in _SAFE_BUILTINS:
-                return super().find_class(module, name)
-            if module in _SAFE_MODULES:
-                return super().find_class(module, name)
-            if module == "torch" and isinstance(getattr(torch, name, None), type | torch.dtype):
-                return super().find_class(module, name)  # storage classes, dtypes, Size
-            return type(name, (_Placeholder,), {"__module__": f"placeholder.{module}"})
-
-    load = _pickle.load
-    loads = _pickle.loads
-
-
-def _torch_file(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - e.g. Lightning hparams: retry without importing their code
-        pass
-    try:
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_PlaceholderUnpickler
-        )
-    except Exception as error:  # noqa: BLE001 - re-raised naming the file
-        raise WeightLoadingError(f"cannot read checkpoint {path}: {error}") from error
 
 
 def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
@@ -192,20 +129,13 @@ def read_released_weights(path: str | Path) -> tuple[str, dict[str, torch.Tensor
             ``segmentor.net.model.<name>`` (other entries are ignored);
         ``plain``: a state dict (torch file or safetensors) with keys ``model.<name>``.
     ``<name>`` is a parameter name of the open_clip (or dino.txt) model, so both map to our
-    ``model.<name>``.
+    ``model.<name>``. The file is read by :func:`~spar.models.weights.read_weight_file`, which
+    never runs code from it.
 
     Returns:
         (format, state dict with our key names).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadingError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        content: Any = load_file(str(path))
-    else:
-        content = _torch_file(path)
+    content = read_weight_file(path)
     state = _tensor_dict(content.get("state_dict")) if isinstance(content, dict) else None
     if state is not None and any(k.startswith(LIGHTNING_PREFIX) for k in state):
         mapped = {

@@ -17,7 +17,9 @@ r = 1 and this is plain averaging on the patch grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -258,3 +260,26 @@ class SlidingWindowTeacher(nn.Module):
             flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
             canvas.index_add_(0, targets.flatten(), flat)
         return canvas.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+
+TEACHER_SETTINGS = ("window", "stride", "batch_size")
+
+
+def build_teacher(
+    backbone: nn.Module, settings: Mapping[str, Any] | None = None
+) -> SlidingWindowTeacher:
+    """The sliding-window teacher that a ``configs/teacher`` node describes.
+
+    The one place that turns configuration into a teacher (training, evaluation, the
+    single-image tools, the demo and the speed benchmark all call it).
+
+    Args:
+        backbone: the frozen backbone the teacher runs.
+        settings: ``window`` (``None``: the backbone's native size), ``stride`` and
+            ``batch_size``; other keys (e.g. the training cache's) are not the teacher's and
+            are ignored. Missing keys take :class:`SlidingWindowTeacher`'s defaults.
+    """
+    settings = settings or {}
+    return SlidingWindowTeacher(
+        backbone, **{k: settings[k] for k in TEACHER_SETTINGS if k in settings}
+    )

@@ -1,10 +1,14 @@
-"""Reading weight files and loading them strictly, with errors that name what does not fit."""
+"""Reading weight files without running code from them, and loading them strictly, with errors
+that name what does not fit."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -21,24 +25,163 @@ def looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith(WEIGHT_FILE_SUFFIXES)
 
 
+# -- reading files without running code ----------------------------------------------------------
+#
+# Every torch file is read by torch's weights-only unpickler: tensors, plain Python values and
+# the globals torch allows by default. Released PyTorch Lightning ``.ckpt`` files also pickle a
+# few library objects besides the weights (hyper-parameters, callbacks, loop state); STAND_INS
+# names each of them exactly and gives what the unpickler builds in its place. A file naming
+# any other global is refused before it is unpickled; no code from a file is ever run.
+
+
+class _Inert:
+    """Stands in for a class a file names: keeps the arguments and state the file gives it.
+
+    It defines nothing else, so building one runs neither code of the file nor of the real
+    class (which is never imported). ``stands_for`` is the full name it replaces.
+    """
+
+    stands_for = ""
+
+    def __new__(cls, *args):
+        inert = super().__new__(cls)
+        inert.args = args
+        return inert
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert stand-in for {self.stands_for}>"
+
+
+def _inert(full_name: str) -> type:
+    """An :class:`_Inert` subclass standing in for the class called ``full_name``."""
+    return type(full_name.rsplit(".", 1)[1], (_Inert,), {"stands_for": full_name})
+
+
+def _plain_dict(default_factory=None) -> dict:
+    """Stands in for ``collections.defaultdict``: a plain dict (the weights-only unpickler fills
+    only exact dicts), and the factory is dropped, never called."""
+    return {}
+
+
+_LIGHTNING_ATTRIBUTE_DICT = (
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+)
+_BUILTINS = (dict, list, tuple, set, frozenset, int, float, str, bool)
+_INERT = (
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.Metadata",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.nodes.AnyNode",
+    "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode",
+    "omegaconf.nodes.BooleanNode",
+    "omegaconf.nodes.BytesNode",
+    "omegaconf.nodes.PathNode",
+    "typing.Any",
+    "pathlib.Path",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib._local.Path",  # the names Python 3.13 pickles paths under
+    "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath",
+)
+#: Exact full name in a file -> what the weights-only unpickler builds for it. Lightning's
+#: ``AttributeDict`` becomes a plain dict, builtins are themselves, omegaconf configs (saved
+#: hyper-parameters), ``typing.Any`` and paths become inert stand-ins.
+STAND_INS: dict[str, object] = {
+    **{name: dict for name in _LIGHTNING_ATTRIBUTE_DICT},
+    **{f"builtins.{kind.__name__}": kind for kind in _BUILTINS},
+    "collections.defaultdict": _plain_dict,
+    **{name: _inert(name) for name in _INERT},
+}
+_NEVER_RUNS_CODE = (
+    "spar never runs code from a file: it reads tensors, plain values and the stand-ins in "
+    "spar.models.weights.STAND_INS only. If you trust this file, convert its weights to "
+    ".safetensors in a separate step and pass that"
+)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(4) == b"PK\x03\x04"
+
+
+def _refusal(path: Path, reason: str) -> WeightLoadingError:
+    return WeightLoadingError(f"refused to read {path}: {reason}. {_NEVER_RUNS_CODE}")
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """Globals named in the pickle of the zip file ``path`` besides STAND_INS and those torch
+    allows (its defaults, and any the application added with ``add_safe_globals``).
+
+    The scan reads the pickle's opcodes and runs nothing.
+    """
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except pickle.UnpicklingError as error:
+        raise _refusal(path, str(error).rstrip(".")) from error
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+    return sorted(set(found) - set(STAND_INS))
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason, without torch's advice to allow more."""
+    original = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    return str(original).split(". ")[0].rstrip(".")
+
+
+def _read_torch_file(path: Path) -> Any:
+    """The object in a ``torch.save`` file, read with ``weights_only=True`` and STAND_INS.
+
+    Zip files (``torch.save``'s format since torch 1.6) are scanned first and refused if they
+    name any other global. Legacy files and raw pickles cannot be scanned; the weights-only
+    unpickler itself refuses them then. Either way the error names the file.
+    """
+    refused = _refused_globals(path) if _is_zip(path) else []
+    if refused:
+        raise _refusal(path, f"it names {', '.join(refused)}")
+    try:
+        with torch.serialization.safe_globals([(v, k) for k, v in STAND_INS.items()]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise _refusal(path, _unpickler_reason(error)) from error
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+
+
+def read_weight_file(path: str | Path) -> Any:
+    """The content of a ``.safetensors`` file (a dict of tensors) or of a ``torch.save`` file.
+
+    The one way spar reads a weight or state file: a torch file is read with
+    ``weights_only=True`` and only the STAND_INS besides torch's own globals; a file naming
+    anything else is refused with a :class:`WeightLoadingError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadingError(f"weight file not found: {path}")
+    if path.suffix != ".safetensors":
+        return _read_torch_file(path)
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a ``torch.save`` file.
 
     A ``torch.save`` file may hold the state dict itself or nest it under ``"state_dict"`` or
     ``"model"``; a ``"module."`` prefix left by DistributedDataParallel is removed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadingError(f"weight file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file name
-        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+    state = read_weight_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
