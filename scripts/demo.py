@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spar.data import list_images
 from spar.demo import SAMPLE_IMAGES, compare_teacher_student
-from spar.models import create_backbone
+from spar.models import build_teacher, create_backbone
 from spar.utils import resolve_device
 
 
@@ -24,10 +24,8 @@ def main(cfg: DictConfig) -> None:
         list_images(cfg.images or SAMPLE_IMAGES),
         list(cfg.classes),
         out_dir,
-        stride=cfg.teacher.stride,
-        window=cfg.teacher.window,
+        teacher=build_teacher(backbone, cfg.teacher),
         bounds=tuple(cfg.bounds),
-        teacher_batch_size=cfg.teacher.batch_size,
         distilled=distilled,
     )
     header = f"{'image':<24}{'size':>10}{'windows':>9}{'cos pretrained':>16}"

@@ -3,10 +3,13 @@
 Runs under torchrun as well (each rank a shard, confusion matrices summed).
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from spar.config import RENAMED_SETTINGS, reject_renamed_overrides
 from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
 from spar.evaluation import format_results_table, run_evaluation
 
@@ -20,8 +23,11 @@ def main(cfg: DictConfig) -> None:
         results = run_evaluation(cfg, out_dir)
     if is_main_process():
         print(format_results_table(results))
-        print(f"{results['dataset']} ({results['mode']}): results in {out_dir}/eval_results.json")
+        print(
+            f"{results['dataset']} ({results['features']}): results in {out_dir}/eval_results.json"
+        )
 
 
 if __name__ == "__main__":
+    reject_renamed_overrides(sys.argv[1:], RENAMED_SETTINGS["eval"], "scripts/eval.py")
     main()

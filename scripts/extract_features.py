@@ -1,16 +1,18 @@
 """Dense features of images to safetensors: `python scripts/extract_features.py images=dir/`."""
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from spar.config import RENAMED_SETTINGS, reject_renamed_overrides
 from spar.data import list_images
 from spar.distributed import register_run_id_resolver
 from spar.features import extract_features
 from spar.io import atomic_write_json
-from spar.models import SlidingWindowTeacher, create_backbone
+from spar.models import build_teacher, create_backbone
 from spar.utils import resolve_device
 
 register_run_id_resolver()
@@ -23,11 +25,9 @@ def main(cfg: DictConfig) -> None:
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
     backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint)
     backbone = backbone.to(resolve_device(cfg.device))
-    if cfg.mode not in ("single", "slide"):
-        raise ValueError(f"mode must be 'single' or 'slide', got {cfg.mode!r}")
-    dense = backbone
-    if cfg.mode == "slide":
-        dense = SlidingWindowTeacher(backbone, **OmegaConf.to_container(cfg.slide))
+    if cfg.features not in ("student", "teacher"):
+        raise ValueError(f"features must be 'student' or 'teacher', got {cfg.features!r}")
+    dense = build_teacher(backbone, cfg.teacher) if cfg.features == "teacher" else backbone
     images = Path(cfg.images)
     counts = extract_features(
         dense,
@@ -38,7 +38,11 @@ def main(cfg: DictConfig) -> None:
         std=backbone.std,
         bounds=None if cfg.bounds is None else tuple(cfg.bounds),
         dtype=cfg.dtype,
-        metadata={"backbone": backbone.identity, "checkpoint": cfg.checkpoint, "mode": cfg.mode},
+        metadata={
+            "backbone": backbone.identity,
+            "checkpoint": cfg.checkpoint,
+            "features": cfg.features,
+        },
         overwrite=cfg.overwrite,
     )
     atomic_write_json(run_dir / "features_summary.json", {**counts, "output": str(out_dir)})
@@ -49,4 +53,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    reject_renamed_overrides(
+        sys.argv[1:], RENAMED_SETTINGS["extract_features"], "scripts/extract_features.py"
+    )
     main()

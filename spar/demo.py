@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import renamed_arguments
 from .data import load_image, resize_to_fit
 from .io import atomic_save_image, atomic_write_json
-from .models import SlidingWindowTeacher
+from .models import SlidingWindowTeacher, build_teacher
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
-from .viz import overlay, pca_rgb, side_by_side, to_pil
+from .viz import overlay, pca_rgb, side_by_side, source_title, to_pil
 
 SAMPLE_IMAGES = Path(__file__).parent / "assets" / "samples"
 
@@ -36,16 +37,19 @@ def _timed(function, images: torch.Tensor) -> tuple[torch.Tensor, float]:
     return output, time.perf_counter() - start
 
 
+@renamed_arguments(
+    stride="teacher=build_teacher(backbone, {'stride': ...})",
+    window="teacher=build_teacher(backbone, {'window': ...})",
+    teacher_batch_size="teacher=build_teacher(backbone, {'batch_size': ...})",
+)
 def compare_teacher_student(
     backbone: torch.nn.Module,
     image_paths: Sequence[str | Path],
     classes: Sequence[str | Sequence[str]],
     out_dir: str | Path,
     *,
-    stride: int = 24,
-    window: int | None = None,
+    teacher: SlidingWindowTeacher | None = None,
     bounds: tuple[int, int] = (448, 336),
-    teacher_batch_size: int = 16,
     distilled: torch.nn.Module | None = None,
 ) -> dict:
     """Run student and teacher on each image; write pictures and ``demo_summary.json``.
@@ -56,6 +60,8 @@ def compare_teacher_student(
 
     Args:
         backbone: the pretrained backbone: the teacher, and the single-pass baseline.
+        teacher: the sliding-window teacher of ``backbone`` (default: ``build_teacher(backbone)``,
+            stride 24 at the native window).
         distilled: optionally the distilled student (same family); it is then shown beside the
             pretrained single pass, its agreement with the teacher is reported as
             ``distilled_mse``/``distilled_cosine``, and it draws the segmentation.
@@ -65,9 +71,7 @@ def compare_teacher_student(
         mean cosine similarity, times, window counts, and their means.
     """
     out_dir = Path(out_dir)
-    teacher = SlidingWindowTeacher(
-        backbone, window=window, stride=stride, batch_size=teacher_batch_size
-    )
+    teacher = teacher if teacher is not None else build_teacher(backbone)
     segmenter = OpenVocabSegmenter.from_backbone(distilled or backbone, classes)
     names = [synonyms[0] for synonyms in parse_classes(classes)]
     device = module_device(backbone)
@@ -78,7 +82,7 @@ def compare_teacher_student(
         student, student_seconds = _timed(backbone, inputs)
         stitched, teacher_seconds = _timed(teacher, inputs)
         maps = [stitched[0], student.float()[0]]
-        titles = ["image", f"teacher (stride {stride})", "single pass (pretrained)"]
+        titles = ["image", source_title(teacher), "single pass (pretrained)"]
         row = {
             "image": str(path),
             "size": list(image.shape[-2:]),
@@ -105,7 +109,7 @@ def compare_teacher_student(
         atomic_save_image(out_dir / f"{stem}_segmentation.png", overlay(image, mask.cpu(), names))
         rows.append(row)
     summary = {
-        "stride": stride,
+        "stride": teacher.stride[0] if len(set(teacher.stride)) == 1 else list(teacher.stride),
         "distilled": distilled is not None,
         "window": list(teacher.window),
         "images": rows,

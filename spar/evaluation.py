@@ -13,7 +13,6 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +24,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from .config import RENAMED_SETTINGS, check_renamed
 from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark
 from .data.images import resize_to_fit, to_model_input
 from .distributed import DistributedContext, init_distributed
 from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
-from .models import SlidingWindowTeacher, create_backbone
+from .models import build_teacher, create_backbone
 from .segmentation import OpenVocabSegmenter, load_class_names
 from .utils import autocast_for, pass_through
 
-EVAL_MODES = ("single", "slide")
-
-
-@dataclass(frozen=True)
-class EvalProtocol:
-    """Resize bound and classifier settings of one benchmark (defaults: the paper's)."""
-
-    bounds: tuple[int, int] = (2048, 672)
-    logit_scale: float = 40.0
-    logit_bias: float = 0.0
-    prob_threshold: float | None = None
-    area_threshold: float | None = None
+FEATURE_SOURCES = ("student", "teacher")
 
 
 def prediction_to_png(prediction: torch.Tensor) -> Image.Image:
@@ -179,35 +168,33 @@ def format_results_table(results: dict[str, Any]) -> str:
 def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate as ``configs/eval.yaml`` describes; rank 0 writes ``eval_results.json``.
 
-    The config holds ``backbone`` (``create_backbone`` arguments), ``checkpoint``, ``mode``
-    (``single`` | ``slide``), ``slide`` (window, stride, batch_size), ``dataset`` (name, root,
-    split, class_names, bounds, logit_scale, prob_threshold, area_threshold),
-    ``save_predictions``, ``device``, ``precision``, ``num_workers``.
+    The config holds ``backbone`` (``create_backbone`` arguments), ``checkpoint``, ``features``
+    (``student``: one pass of the backbone | ``teacher``: the sliding-window teacher),
+    ``teacher`` (window, stride, batch_size), ``templates`` (a template-set name), ``dataset``
+    (name, root, split, class_names, bounds, logit_scale, logit_bias, prob_threshold,
+    area_threshold), ``save_predictions``, ``device``, ``precision``, ``num_workers``.
     """
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    if config["mode"] not in EVAL_MODES:
-        raise ValueError(f"mode must be one of {EVAL_MODES}, got {config['mode']!r}")
+    check_renamed(config, RENAMED_SETTINGS["eval"], "run_evaluation")
+    if config["features"] not in FEATURE_SOURCES:
+        raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {config['features']!r}")
     context = init_distributed(config.get("device", "auto"))
     data_cfg = config["dataset"]
     dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
     classes = load_class_names(data_cfg.get("class_names") or dataset.spec.class_file)
     backbone = create_backbone(**config["backbone"], checkpoint=config.get("checkpoint"))
     backbone = backbone.to(context.device)
-    features = backbone
-    if config["mode"] == "slide":
-        slide = config["slide"]
-        features = SlidingWindowTeacher(
-            backbone, window=slide["window"], stride=slide["stride"], batch_size=slide["batch_size"]
-        )
-    segmenter = OpenVocabSegmenter(
-        features,
-        backbone.encode_text,
+    teacher = config["features"] == "teacher"
+    segmenter = OpenVocabSegmenter.from_backbone(
+        backbone,
         classes,
+        dense=build_teacher(backbone, config.get("teacher")) if teacher else None,
+        templates=config.get("templates", "imagenet80"),
         logit_scale=data_cfg["logit_scale"],
         logit_bias=data_cfg.get("logit_bias", 0.0),
         prob_threshold=data_cfg.get("prob_threshold"),
         area_threshold=data_cfg.get("area_threshold"),
-    ).to(context.device)
+    )
     out_dir = Path(out_dir)
     results = evaluate_benchmark(
         segmenter,
@@ -223,7 +210,8 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         num_workers=config.get("num_workers", 0),
         show_progress=config.get("show_progress", True),
     )
-    results = {"dataset": dataset.spec.name, "mode": config["mode"], **results, "config": config}
+    results = {"dataset": dataset.spec.name, "features": config["features"], **results}
+    results["config"] = config
     if context.is_main:
         atomic_write_json(out_dir / "eval_results.json", results)
     return results
@@ -232,8 +220,8 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
 def _row_label(results: dict[str, Any]) -> str:
     config = results.get("config", {})
     backbone = config.get("backbone", {}).get("name", "?")
-    if results.get("mode") == "slide":
-        return f"{backbone} teacher (stride {config.get('slide', {}).get('stride')})"
+    if results.get("features") == "teacher":
+        return f"{backbone} teacher (stride {config.get('teacher', {}).get('stride')})"
     checkpoint = config.get("checkpoint")
     return f"{backbone} SPAR ({Path(checkpoint).name})" if checkpoint else f"{backbone} single pass"
 

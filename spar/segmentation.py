@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
+from .config import renamed_arguments
 from .models.base import check_images
 from .utils import module_device
 
@@ -23,6 +24,30 @@ DenseFeatures = Callable[[torch.Tensor], torch.Tensor]
 
 # The 80 ImageNet prompt templates of CLIP, as open_clip ships them (callables name -> prompt).
 PROMPT_TEMPLATES: tuple[Template, ...] = tuple(OPENAI_IMAGENET_TEMPLATES)
+
+
+def _a_photo_of(name: str) -> str:
+    return f"a photo of a {name}."
+
+
+# Named template sets, the values of the ``templates`` setting: ``imagenet80`` is the paper's
+# protocol; ``single`` encodes one prompt per name (80x cheaper; tests and quick looks).
+TEMPLATE_SETS: dict[str, tuple[Template, ...]] = {
+    "imagenet80": PROMPT_TEMPLATES,
+    "single": (_a_photo_of,),
+}
+
+
+def resolve_templates(templates: str | Sequence[Template]) -> tuple[Template, ...]:
+    """A template-set name (see :data:`TEMPLATE_SETS`) or callables ``name -> prompt``."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(
+                f"unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)} or a "
+                "list of callables name -> prompt"
+            )
+        return TEMPLATE_SETS[templates]
+    return tuple(templates)
 
 
 def parse_classes(classes: Sequence[ClassEntry]) -> list[list[str]]:
@@ -87,7 +112,7 @@ def _encode_prompts(encode_text: TextEncoder, prompts: list[str], batch_size: in
 def build_text_classifier(
     encode_text: TextEncoder,
     classes: Sequence[ClassEntry],
-    templates: Sequence[Template] = PROMPT_TEMPLATES,
+    templates: str | Sequence[Template] = "imagenet80",
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-ensemble text embeddings of every name of every class.
@@ -102,6 +127,7 @@ def build_text_classifier(
 
         Both live on the device ``encode_text`` returns its embeddings on.
     """
+    templates = resolve_templates(templates)
     if not templates:
         raise ValueError("at least one prompt template is needed")
     if batch_size <= 0:
@@ -149,15 +175,15 @@ class OpenVocabSegmenter(nn.Module):
 
     The text embeddings are computed once, at construction, and kept as (non-persistent)
     buffers on the device ``encode_text`` returns, so ``.to(device)`` moves them (and
-    ``features`` too when it is a Module). :meth:`from_backbone` puts everything on the
+    ``dense`` too when it is a Module). :meth:`from_backbone` puts everything on the
     backbone's device.
 
     Background rules in :meth:`predict` both map pixels to class 0, in this order: first
     ``prob_threshold`` (per pixel), then ``area_threshold`` (per image, on the thresholded mask).
 
     Args:
-        features: ``(B, 3, H, W) float -> (B, C, h, w)`` dense features (a backbone's forward,
-            or a sliding-window teacher).
+        dense: the dense-feature source, ``(B, 3, H, W) float -> (B, C, h, w)`` (a backbone, or
+            a sliding-window teacher).
         encode_text: ``list[str] -> (n, C)`` text encoder in the same embedding space.
         classes: class entries; each a name, ``"name, synonym"`` or a list of synonyms.
             Class 0 is the one the background rules fall back to.
@@ -166,24 +192,26 @@ class OpenVocabSegmenter(nn.Module):
         prob_threshold: pixels whose best class probability is below it become class 0.
         area_threshold: per image, predicted classes covering less than this fraction of the
             image's pixels become class 0.
-        templates: prompt templates for the text ensemble (callables ``name -> prompt``).
+        templates: prompt templates for the text ensemble: a set name (``"imagenet80"``, the
+            paper's; ``"single"``) or callables ``name -> prompt``.
     """
 
+    @renamed_arguments(features="dense")
     def __init__(
         self,
-        features: DenseFeatures,
+        dense: DenseFeatures,
         encode_text: TextEncoder,
         classes: Sequence[ClassEntry],
         logit_scale: float = 40.0,
         logit_bias: float = 0.0,
         prob_threshold: float | None = None,
         area_threshold: float | None = None,
-        templates: Sequence[Template] = PROMPT_TEMPLATES,
+        templates: str | Sequence[Template] = "imagenet80",
     ) -> None:
         super().__init__()
         _check_fraction(prob_threshold, "prob_threshold")
         _check_fraction(area_threshold, "area_threshold")
-        self.features = features
+        self.dense = dense
         self.class_names = parse_classes(classes)
         embeddings, name_to_class = build_text_classifier(encode_text, classes, templates)
         self.register_buffer("text_embeddings", embeddings, persistent=False)
@@ -206,8 +234,8 @@ class OpenVocabSegmenter(nn.Module):
         The segmenter is placed on the backbone's device. ``kwargs`` go to the constructor
         (``logit_scale``, thresholds, ``templates``).
         """
-        features = dense if dense is not None else backbone
-        segmenter = cls(features, backbone.encode_text, classes, **kwargs)
+        source = dense if dense is not None else backbone
+        segmenter = cls(source, backbone.encode_text, classes, **kwargs)
         return segmenter.to(module_device(backbone, default=segmenter.text_embeddings.device))
 
     @property
@@ -246,7 +274,7 @@ class OpenVocabSegmenter(nn.Module):
         cells may reach past the image. The logits are then upsampled to the padded size and
         cropped to the image, so that every output pixel maps to the right place.
         """
-        patch = getattr(self.features, "patch_size", None)
+        patch = getattr(self.dense, "patch_size", None)
         height, width = image_size
         rows, cols = logits.shape[-2:]
         if patch is None or (rows * patch, cols * patch) == (height, width):
@@ -256,10 +284,10 @@ class OpenVocabSegmenter(nn.Module):
         )
         return padded[..., :height, :width]
 
-    def logits(
+    def class_probabilities(
         self, images: torch.Tensor, output_size: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """Per-class probabilities (despite the name, these are not raw logits).
+        """Per-class probabilities.
 
         A float32 softmax over *all names* of :meth:`name_logits`, then, per class, the max of
         its synonyms' probabilities. Values lie in [0, 1]; with synonyms a pixel's class scores
@@ -280,6 +308,13 @@ class OpenVocabSegmenter(nn.Module):
         scores = probabilities.new_zeros(batch, self.num_classes, height, width)
         return scores.scatter_reduce(1, index, probabilities, reduce="amax", include_self=False)
 
+    def logits(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Renamed :meth:`class_probabilities` (it returns probabilities, not logits)."""
+        raise AttributeError(
+            "OpenVocabSegmenter.logits was renamed class_probabilities (it returns per-class "
+            "probabilities; name_logits gives the scaled cosines)"
+        )
+
     @torch.no_grad()
     def predict(
         self, images: torch.Tensor, output_size: Sequence[int] | None = None
@@ -296,7 +331,7 @@ class OpenVocabSegmenter(nn.Module):
         Returns:
             (B, H_out, W_out) long, values in [0, K).
         """
-        confidence, mask = self.logits(images, output_size).max(dim=1)
+        confidence, mask = self.class_probabilities(images, output_size).max(dim=1)
         if self.prob_threshold is not None:
             mask[confidence < self.prob_threshold] = 0
         if self.area_threshold is not None:
@@ -305,11 +340,11 @@ class OpenVocabSegmenter(nn.Module):
 
     def _unit_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) float32 features, unit norm along C."""
-        features = self.features(images)
+        features = self.dense(images)
         channels = self.text_embeddings.shape[1]
         if features.ndim != 4 or features.shape[:2] != (images.shape[0], channels):
             raise ValueError(
-                f"features must return (B={images.shape[0]}, C={channels}, h, w) to match the "
+                f"dense must return (B={images.shape[0]}, C={channels}, h, w) to match the "
                 f"text embeddings, got shape {tuple(features.shape)}"
             )
         return F.normalize(features.float(), dim=1)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from .config import renamed_arguments
 from .data.images import load_image, resize_to_fit, to_model_input
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
@@ -132,6 +133,14 @@ def side_by_side(
     return canvas
 
 
+def source_title(dense: object) -> str:
+    """A picture title for a dense-feature source: the teacher with its stride, or the class."""
+    stride = getattr(dense, "stride", None)
+    if stride is not None and hasattr(dense, "window"):
+        return f"teacher (stride {stride[0] if stride[0] == stride[1] else tuple(stride)})"
+    return type(dense).__name__
+
+
 def _prepared(
     backbone: nn.Module, image: str | Path | torch.Tensor, bounds: Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +162,7 @@ def segmentation_picture(
     *,
     dense: nn.Module | None = None,
     bounds: Sequence[int] | None = (2048, 672),
+    templates: str | Sequence[Callable[[str], str]] = "imagenet80",
     logit_scale: float = 40.0,
     prob_threshold: float | None = None,
     area_threshold: float | None = None,
@@ -165,12 +175,14 @@ def segmentation_picture(
             (long, short) keeping its aspect ratio (``None``: as it is).
         classes: class entries, each a name or synonyms (``"person, pedestrian"``).
         dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
+        templates: prompt templates (a set name of ``spar.segmentation.TEMPLATE_SETS``).
     """
     pixels, inputs = _prepared(backbone, image, bounds)
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
         classes,
         dense=dense,
+        templates=templates,
         logit_scale=logit_scale,
         prob_threshold=prob_threshold,
         area_threshold=area_threshold,
@@ -181,19 +193,21 @@ def segmentation_picture(
 
 
 @torch.no_grad()
+@renamed_arguments(teacher="dense")
 def feature_picture(
     backbone: nn.Module,
     image: str | Path | torch.Tensor,
     *,
-    teacher: nn.Module | None = None,
+    dense: nn.Module | None = None,
     bounds: Sequence[int] | None = (2048, 672),
 ) -> Image.Image:
-    """The image beside the PCA of its dense features (and of ``teacher``'s, one colour basis)."""
+    """The image beside the PCA of the backbone's single pass, and of ``dense`` (another
+    dense-feature source, e.g. a ``SlidingWindowTeacher``) in the same colour basis."""
     pixels, inputs = _prepared(backbone, image, bounds)
     maps = [backbone(inputs)[0].float()]
     titles = ["image", "single pass"]
-    if teacher is not None:
-        maps.append(teacher(inputs)[0].float())
-        titles.append("sliding-window teacher")
+    if dense is not None:
+        maps.append(dense(inputs)[0].float())
+        titles.append(source_title(dense))
     pictures = pca_rgb(maps, size=tuple(pixels.shape[-2:]))
     return side_by_side([to_pil(pixels), *(to_pil(p) for p in pictures)], titles)

@@ -100,7 +100,7 @@ def test_the_notebook_api_runs_on_the_backbone_device(backbone_on_stand_in):
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone_on_stand_in, CLASSES, templates=ONE_TEMPLATE, prob_threshold=0.5
     )
-    assert segmenter.logits(images).shape == (1, 3, 100, 150)
+    assert segmenter.class_probabilities(images).shape == (1, 3, 100, 150)
     mask = segmenter.predict(images, output_size=(50, 75))
     assert mask.device == STAND_IN and mask.shape == (1, 50, 75)
 
@@ -164,6 +164,6 @@ def test_segmenter_scores_are_float32_under_bf16_autocast(tiny_backbone):
     images = tiny_backbone.normalize(torch.rand(3, 48, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         name_logits = segmenter.name_logits(images)
-        scores = segmenter.logits(images)
+        scores = segmenter.class_probabilities(images)
     assert name_logits.dtype == scores.dtype == torch.float32
-    torch.testing.assert_close(scores, segmenter.logits(images), atol=0.05, rtol=0)
+    torch.testing.assert_close(scores, segmenter.class_probabilities(images), atol=0.05, rtol=0)

@@ -1,15 +1,19 @@
 """Evaluation end to end on tiny datasets in every layout: the reported mIoU equals the one
-recomputed from the saved prediction PNGs; protocol configs; eval.py in both modes."""
+recomputed from the saved prediction PNGs; protocol configs; eval.py with student and teacher
+features; renamed settings named."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, run_script, write_benchmark
+from helpers import CONFIGS, ROOT, run_script, write_benchmark
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from spar.config import RenamedSettingError
 from spar.data.benchmarks import BENCHMARKS, SegmentationBenchmark
 from spar.distributed import register_run_id_resolver
 from spar.evaluation import (
@@ -39,8 +43,8 @@ def miou_from_pngs(name, root, predictions):
     return 100 * metric.compute().miou, metric
 
 
-def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
-    """One eval.py sweep: every dataset layout, single and slide; each reported mIoU equals the
+def test_script_sweep_over_every_layout_and_both_feature_sources(tmp_path):
+    """One eval.py sweep: every dataset layout, student and teacher; each reported mIoU equals the
     mIoU recomputed from its saved prediction PNGs."""
     for name in BENCHMARKS:
         write_benchmark(name, tmp_path / "data" / name)
@@ -48,10 +52,10 @@ def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
         "eval.py",
         "--multirun",
         f"dataset={','.join(sorted(BENCHMARKS))}",
-        "mode=single,slide",
+        "features=student,teacher",
         f"dataset.root={tmp_path / 'data'}/${{dataset.name}}",
         "dataset.bounds=[128,96]",
-        "slide.window=64",
+        "teacher.window=64",
         "save_predictions=true",
         "num_workers=0",
         "show_progress=false",
@@ -59,15 +63,16 @@ def test_script_sweep_over_every_layout_and_both_modes(tmp_path):
         timeout=600,
     )
     for name in BENCHMARKS:
-        for mode in ("single", "slide"):
-            run = tmp_path / "sweep" / f"{name}-tiny-{mode}"
+        for features in ("student", "teacher"):
+            run = tmp_path / "sweep" / f"{name}-tiny-{features}"
             written = json.loads((run / "eval_results.json").read_text())
-            assert (written["dataset"], written["mode"], written["num_images"]) == (name, mode, 3)
+            summary = (written["dataset"], written["features"], written["num_images"])
+            assert summary == (name, features, 3)
             assert len(written["per_class_iou"]) == BENCHMARKS[name].num_classes
             for key in ("miou", "aacc", "per_class_iou", "images_per_second", "config"):
                 assert key in written
             recomputed, metric = miou_from_pngs(name, tmp_path / "data" / name, run / "predictions")
-            assert written["miou"] == pytest.approx(recomputed, abs=1e-9), (name, mode)
+            assert written["miou"] == pytest.approx(recomputed, abs=1e-9), (name, features)
             assert written["aacc"] == pytest.approx(100 * metric.compute().aacc, abs=1e-9)
 
 
@@ -81,14 +86,15 @@ def test_run_evaluation_from_python(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["voc21", "cityscapes"])
-def test_slide_mode_uses_the_teacher(tmp_path, name):
+def test_teacher_features_use_the_sliding_window(tmp_path, name):
     write_benchmark(name, tmp_path / "data")
     common = [f"dataset={name}", f"dataset.root={tmp_path / 'data'}", "save_predictions=true"]
     slide = run_evaluation(
-        eval_config(*common, "mode=slide", "slide.window=64", "slide.stride=24"), tmp_path / "slide"
+        eval_config(*common, "features=teacher", "teacher.window=64", "teacher.stride=24"),
+        tmp_path / "slide",
     )
     single = run_evaluation(eval_config(*common), tmp_path / "single")
-    assert slide["mode"] == "slide" and single["mode"] == "single"
+    assert slide["features"] == "teacher" and single["features"] == "student"
     recomputed, _ = miou_from_pngs(name, tmp_path / "data", tmp_path / "slide" / "predictions")
     assert slide["miou"] == pytest.approx(recomputed, abs=1e-9)
     slide_pngs = sorted((tmp_path / "slide" / "predictions").iterdir())
@@ -146,43 +152,43 @@ def test_prediction_png_round_trip(tmp_path):
     np.testing.assert_array_equal(read_prediction_png(tmp_path / "p.png"), prediction.numpy())
 
 
-@pytest.mark.parametrize("mode", ["single", "slide"])
-def test_eval_script_prints_the_table_and_writes_results(tmp_path, mode):
+@pytest.mark.parametrize("features", ["student", "teacher"])
+def test_eval_script_prints_the_table_and_writes_results(tmp_path, features):
     write_benchmark("voc21", tmp_path / "voc")
     result = run_script(
         "eval.py",
         "dataset=voc21",
         f"dataset.root={tmp_path / 'voc'}",
         "dataset.bounds=[128,96]",
-        f"mode={mode}",
-        "slide.window=64",
+        f"features={features}",
+        "teacher.window=64",
         "save_predictions=true",
         "num_workers=0",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert "aeroplane" in result.stdout and "mIoU" in result.stdout
     written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
-    assert written["mode"] == mode and written["config"]["dataset"]["logit_scale"] == 65
+    assert written["features"] == features and written["config"]["dataset"]["logit_scale"] == 65
     recomputed, _ = miou_from_pngs("voc21", tmp_path / "voc", tmp_path / "run" / "predictions")
     assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
 
 
 def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
-    def write(folder, dataset, mode, miou, checkpoint=None):
+    def write(folder, dataset, features, miou, checkpoint=None):
         config = {
             "backbone": {"name": "siglip2"},
             "checkpoint": checkpoint,
-            "slide": {"stride": 24},
+            "teacher": {"stride": 24},
         }
-        payload = {"dataset": dataset, "mode": mode, "miou": miou, "config": config}
+        payload = {"dataset": dataset, "features": features, "miou": miou, "config": config}
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "eval_results.json").write_text(json.dumps(payload))
 
-    write("a", "voc20", "single", 71.3)
-    write("b", "ade20k", "single", 16.8)
-    write("c", "voc20", "slide", 77.5)
-    write("d", "voc20", "single", 81.5, checkpoint="/ckpt/spar_siglip2.ckpt")
-    write("e", "ade20k", "single", 23.4, checkpoint="/ckpt/spar_siglip2.ckpt")
+    write("a", "voc20", "student", 71.3)
+    write("b", "ade20k", "student", 16.8)
+    write("c", "voc20", "teacher", 77.5)
+    write("d", "voc20", "student", 81.5, checkpoint="/ckpt/spar_siglip2.ckpt")
+    write("e", "ade20k", "student", 23.4, checkpoint="/ckpt/spar_siglip2.ckpt")
     table = collect_results(tmp_path).splitlines()
     assert table[0] == "| setting | ade20k | voc20 | mean |"
     assert "| siglip2 single pass | 16.8 | 71.3 | 44.0 |" in table
@@ -207,3 +213,28 @@ def test_two_process_evaluation_sums_the_shards(tmp_path):
     assert sharded["num_images"] == 5
     assert sharded["miou"] == pytest.approx(single["miou"], abs=1e-9)
     assert sharded["per_class_iou"] == pytest.approx(single["per_class_iou"], abs=1e-9, nan_ok=True)
+
+
+def test_renamed_settings_name_their_new_spelling(tmp_path):
+    with pytest.raises(RenamedSettingError, match=r"mode is now features .*slide is now teacher"):
+        run_evaluation({"mode": "slide", "slide": {"stride": 48}, "features": "student"}, tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "eval.py"), "mode=slide", "slide.stride=48"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "mode is now features (mode=single: features=student, mode=slide: features=teacher)" in (
+        result.stderr
+    )
+    assert "slide is now teacher (e.g. teacher.stride=48" in result.stderr
+
+
+def test_every_benchmark_config_extends_the_protocol():
+    for name in BENCHMARKS:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=[f"dataset={name}"])
+        assert cfg.dataset.name == name and cfg.dataset.class_names is None
+        assert list(cfg.dataset.bounds) == ([2048, 1024] if name == "cityscapes" else [2048, 672])
+        assert cfg.dataset.logit_scale == {"voc21": 65, "context60": 50}.get(name, 40)

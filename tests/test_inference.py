@@ -2,10 +2,12 @@
 alignment of logits with the image when the backbone pads it."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import ROOT, run_script
 from PIL import Image
 from safetensors import safe_open
 
@@ -29,7 +31,7 @@ def test_segmentation_picture_is_one_call(tiny_backbone):
 def test_feature_picture_with_teacher(tiny_backbone):
     image = torch.rand(3, 70, 90)
     teacher = SlidingWindowTeacher(tiny_backbone, window=64, stride=24)
-    picture = feature_picture(tiny_backbone, image, teacher=teacher, bounds=None)
+    picture = feature_picture(tiny_backbone, image, dense=teacher, bounds=None)
     assert picture.width >= 3 * 90 and picture.height >= 70
 
 
@@ -61,8 +63,9 @@ def test_segment_script_writes_both_pictures(tmp_path):
         f"image={CAT}",
         "classes=[sky,'cat, kitten',floor]",
         "bounds=[160,120]",
-        "teacher=true",
-        "slide.window=64",
+        "show_teacher=true",
+        "teacher.window=64",
+        "templates=single",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
     )
@@ -92,8 +95,8 @@ def test_extract_features_script_writes_and_resumes(tmp_path):
     second = run_script(
         "extract_features.py",
         *common,
-        "mode=slide",
-        "slide.window=64",
+        "features=teacher",
+        "teacher.window=64",
         f"hydra.run.dir={tmp_path / 'b'}",
         cwd=tmp_path,
     )
@@ -105,3 +108,24 @@ def test_extract_features_rejects_unknown_dtype(tmp_path, tiny_backbone):
         extract_features(
             tiny_backbone, [CAT], SAMPLE_IMAGES, tmp_path, mean=(0,) * 3, std=(1,) * 3, dtype="int8"
         )
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "expected"),
+    [
+        ("segment.py", ["teacher=true", "slide.stride=48"], ["teacher=true is now show_teacher"]),
+        ("extract_features.py", ["mode=slide"], ["mode is now features (mode=single: features"]),
+    ],
+)
+def test_renamed_settings_are_named_with_their_new_spelling(script, overrides, expected):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    for text in expected:
+        assert text in result.stderr
+    with pytest.raises(TypeError, match="teacher= is now dense"):
+        feature_picture(None, CAT, teacher=None)

@@ -9,7 +9,7 @@ from helpers import ROOT, run_script
 
 from spar.data import list_images
 from spar.demo import SAMPLE_IMAGES, compare_teacher_student
-from spar.models import backbone_entry, create_backbone
+from spar.models import backbone_entry, build_teacher, create_backbone
 
 
 @pytest.mark.parametrize(
@@ -34,9 +34,11 @@ def test_bundled_samples_are_images_with_licences():
 
 def test_compare_teacher_student_writes_pictures_and_summary(tmp_path, tiny_backbone):
     paths = list_images(SAMPLE_IMAGES)[:2]
+    teacher = build_teacher(tiny_backbone, {"stride": 48})
     summary = compare_teacher_student(
-        tiny_backbone, paths, ["sky", "cat, kitten"], tmp_path, stride=48, bounds=(160, 128)
+        tiny_backbone, paths, ["sky", "cat, kitten"], tmp_path, teacher=teacher, bounds=(160, 128)
     )
+    assert summary["stride"] == 48
     assert len(summary["images"]) == 2
     for path, row in zip(paths, summary["images"], strict=True):
         assert (tmp_path / f"{path.stem}_features.png").is_file()
@@ -66,3 +68,8 @@ def test_backbone_config_creates_the_tiny_backbone():
     config = yaml.safe_load((ROOT / "configs" / "backbone" / "tiny.yaml").read_text())
     backbone = create_backbone(**config)
     assert backbone.num_trainable_parameters() > 0
+
+
+def test_compare_teacher_student_names_its_renamed_arguments(tmp_path, tiny_backbone):
+    with pytest.raises(TypeError, match=r"stride= is now teacher=build_teacher"):
+        compare_teacher_student(tiny_backbone, [], ["sky"], tmp_path, stride=48)

@@ -69,7 +69,7 @@ def test_each_pixel_gets_its_class():
 def test_synonyms_are_merged_by_max():
     grid = [["street", "road"]]
     seg = segmenter(grid)
-    scores = seg.logits(images_for(grid), output_size=(1, 2))
+    scores = seg.class_probabilities(images_for(grid), output_size=(1, 2))
     assert seg.predict(images_for(grid), output_size=(1, 2)).tolist() == [[[2, 2]]]
     names = seg.name_logits(images_for(grid), output_size=(1, 2)).softmax(1)
     # the class score is the larger of its two names' probabilities
@@ -81,7 +81,7 @@ def test_output_size_and_default_size():
     seg = segmenter(grid)
     assert seg.predict(images_for(grid, batch=2)).shape == (2, 16, 32)
     assert seg.predict(images_for(grid), output_size=(17, 23)).shape == (1, 17, 23)
-    assert seg.logits(images_for(grid), output_size=(5, 7)).shape == (1, 4, 5, 7)
+    assert seg.class_probabilities(images_for(grid), output_size=(5, 7)).shape == (1, 4, 5, 7)
 
 
 def test_scores_match_a_hand_computed_softmax():
@@ -97,7 +97,9 @@ def test_scores_match_a_hand_computed_softmax():
     e = torch.e
     low, high = 1 / (e + 4), e / (e + 4)
     expected = torch.tensor([low, low, high, low]).view(4, 1).expand(4, 2)
-    torch.testing.assert_close(seg.logits(images, output_size=(1, 2))[0, :, 0], expected)
+    torch.testing.assert_close(
+        seg.class_probabilities(images, output_size=(1, 2))[0, :, 0], expected
+    )
 
 
 def ambiguous_pair():
@@ -111,9 +113,9 @@ def test_probability_threshold_sends_unsure_pixels_to_background():
     images = torch.zeros(1, 3, 32, 32)
     features = constant_features(ambiguous_pair())
     sure = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES)
-    assert sure.logits(images, output_size=(1, 2))[0, [1, 3], 0, 1].tolist() == pytest.approx(
-        [0.5, 0.5]
-    )
+    assert sure.class_probabilities(images, output_size=(1, 2))[
+        0, [1, 3], 0, 1
+    ].tolist() == pytest.approx([0.5, 0.5])
     first, second = sure.predict(images, output_size=(1, 2))[0, 0].tolist()
     assert first == 1 and second in (1, 3)
     for threshold, expected in ((0.6, [1, 0]), (0.49, [1, second])):
@@ -131,7 +133,9 @@ def test_probability_threshold_applies_before_area_threshold():
     features = constant_features(table)
     images = torch.zeros(1, 3, 64, 64)
     plain = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES)
-    assert plain.logits(images, output_size=(4, 4))[0, 3, 3, 3] == pytest.approx(0.64, abs=0.01)
+    assert plain.class_probabilities(images, output_size=(4, 4))[0, 3, 3, 3] == pytest.approx(
+        0.64, abs=0.01
+    )
     assert (plain.predict(images, output_size=(4, 4)) == 3).sum() == 2
     both = OpenVocabSegmenter(
         features, FakeTextEncoder(), CLASSES, prob_threshold=0.7, area_threshold=0.1
@@ -175,7 +179,7 @@ def test_bfloat16_features_give_float32_scores():
     )
     images = images_for(grid)
     assert low_precision.name_logits(images).dtype == torch.float32
-    assert low_precision.logits(images).dtype == torch.float32
+    assert low_precision.class_probabilities(images).dtype == torch.float32
     assert torch.equal(low_precision.predict(images), segmenter(grid).predict(images))
 
 
@@ -284,9 +288,19 @@ def test_real_backbone_and_teacher_end_to_end(tiny_backbone, use_teacher):
         tiny_backbone, ["sky", "road, street", "car"], dense=dense
     )
     images = torch.randn(2, 3, 90, 120)
-    scores = seg.logits(images)
+    scores = seg.class_probabilities(images)
     assert scores.shape == (2, 3, 90, 120)
     assert ((scores >= 0) & (scores <= 1)).all()
     mask = seg.predict(images, output_size=(45, 60))
     assert mask.shape == (2, 45, 60) and mask.dtype == torch.long
-    assert torch.equal(mask, seg.logits(images, output_size=(45, 60)).argmax(1))
+    assert torch.equal(mask, seg.class_probabilities(images, output_size=(45, 60)).argmax(1))
+
+
+def test_renamed_names_give_their_new_spelling():
+    seg = segmenter([["sky"]])
+    with pytest.raises(AttributeError, match="logits was renamed class_probabilities"):
+        seg.logits(images_for([["sky"]]))
+    with pytest.raises(TypeError, match="features= is now dense"):
+        OpenVocabSegmenter(
+            features=features_from_names([["sky"]]), encode_text=FakeTextEncoder(), classes=CLASSES
+        )

@@ -67,7 +67,7 @@ def test_readme_notebook_code(device, precision, name):
         )
         teacher_mask = teacher_segmenter.predict(x, output_size=image.shape[-2:])[0]
         with torch.no_grad():
-            scores = segmenter.logits(x)
+            scores = segmenter.class_probabilities(x)
 
     assert SlidingWindowTeacher(backbone, stride=24).num_windows(height, width) > 1
     assert_on(student, device, grid)
@@ -94,7 +94,7 @@ def test_readme_notebook_code(device, precision, name):
     shown, shown_mask = segmentation_picture(backbone, IMAGE, CLASSES, bounds=BOUNDS)
     assert shown.width > width and tuple(shown_mask.shape) == (height, width)
     features = feature_picture(
-        backbone, IMAGE, teacher=SlidingWindowTeacher(backbone, stride=48), bounds=BOUNDS
+        backbone, IMAGE, dense=SlidingWindowTeacher(backbone, stride=48), bounds=BOUNDS
     )
     assert features.width >= 3 * width and features.height >= height
 
@@ -112,8 +112,8 @@ def test_segmenter_built_on_the_cpu_moves_to_the_device(device):
     )
     with torch.no_grad():
         cpu_features = backbone(x_cpu)
-        cpu_scores = segmenter.logits(x_cpu)
-        cpu_teacher_scores = teacher_segmenter.logits(x_cpu)
+        cpu_scores = segmenter.class_probabilities(x_cpu)
+        cpu_teacher_scores = teacher_segmenter.class_probabilities(x_cpu)
 
     assert segmenter.to(device) is segmenter and teacher_segmenter.to(device) is teacher_segmenter
     assert backbone.device == device
@@ -122,8 +122,8 @@ def test_segmenter_built_on_the_cpu_moves_to_the_device(device):
     x = x_cpu.to(device)
     with torch.no_grad():
         features = backbone(x)
-        scores = segmenter.logits(x)
-        teacher_scores = teacher_segmenter.logits(x)
+        scores = segmenter.class_probabilities(x)
+        teacher_scores = teacher_segmenter.class_probabilities(x)
     mask = segmenter.predict(x)[0]
     teacher_mask = teacher_segmenter.predict(x, output_size=(height // 2, width // 2))[0]
 
@@ -140,9 +140,10 @@ def test_segmenter_built_on_the_cpu_moves_to_the_device(device):
 
 
 def test_segmenter_scores_stay_float32_under_bf16_autocast(device):
-    """``name_logits`` and ``logits`` document float32 results. Under bf16 autocast (what eval
-    and the notebook use with bf16) the cosine must not drop to bf16: with ``logit_scale`` 40 a
-    bf16 cosine moves the logits in steps of about 0.16, enough to flip near ties."""
+    """``name_logits`` and ``class_probabilities`` document float32 results. Under bf16 autocast
+    (what eval and the notebook use with bf16) the cosine must not drop to bf16: with
+    ``logit_scale`` 40 a bf16 cosine moves the logits in steps of about 0.16, enough to flip
+    near ties."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip(f"{device} has no bf16 support")
     backbone = create_backbone("tiny").to(device)
@@ -150,6 +151,6 @@ def test_segmenter_scores_stay_float32_under_bf16_autocast(device):
     segmenter = OpenVocabSegmenter.from_backbone(backbone, CLASSES)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         name_logits = segmenter.name_logits(x)
-        scores = segmenter.logits(x)
+        scores = segmenter.class_probabilities(x)
     assert name_logits.dtype == torch.float32, f"name_logits gave {name_logits.dtype}"
-    assert scores.dtype == torch.float32, f"logits gave {scores.dtype}"
+    assert scores.dtype == torch.float32, f"class_probabilities gave {scores.dtype}"

@@ -1,7 +1,7 @@
 """Every script as users run it, on the tier's device (``SPAR_TEST_DEVICE``, default ``cuda``):
-train (cached and online teacher, plain and under torchrun), cache_teacher, eval (single and
-slide), segment (with and without the teacher), extract_features, demo and bench. Each test
-checks what the script wrote, not only its exit code."""
+train (cached and online teacher, plain and under torchrun), cache_teacher, eval (student and
+teacher features), segment (with and without the teacher), extract_features, demo and bench.
+Each test checks what the script wrote, not only its exit code."""
 
 import json
 import math
@@ -117,17 +117,18 @@ def test_cache_teacher_script_then_training_reuses_it(
     assert finite(summary["heldout_mse_after"])
 
 
-@pytest.mark.parametrize("mode", ["single", "slide"])
-def test_eval_script(tmp_path, device_name, precision, mode, distilled_checkpoint):
+@pytest.mark.parametrize("features", ["student", "teacher"])
+def test_eval_script(tmp_path, device_name, precision, features, distilled_checkpoint):
     labels = write_benchmark("voc21", tmp_path / "voc", count=2)
-    checkpoint = distilled_checkpoint if mode == "single" else "null"
+    checkpoint = distilled_checkpoint if features == "student" else "null"
     result = run_script(
         "eval.py",
         "dataset=voc21",
         f"dataset.root={tmp_path / 'voc'}",
         "dataset.bounds=[128,96]",
-        f"mode={mode}",
-        "slide.window=64",
+        f"features={features}",
+        "teacher.window=64",
+        "templates=single",
         f"checkpoint={checkpoint}",
         f"precision={precision}",
         f"device={device_name}",
@@ -138,7 +139,8 @@ def test_eval_script(tmp_path, device_name, precision, mode, distilled_checkpoin
     )
     assert "mIoU" in result.stdout
     written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
-    assert (written["mode"], written["num_images"], written["skipped_images"]) == (mode, 2, 0)
+    summary = (written["features"], written["num_images"], written["skipped_images"])
+    assert summary == (features, 2, 0)
     assert written["config"]["device"] == device_name
     assert written["config"]["precision"] == precision
     assert 0 <= written["miou"] <= 100 and 0 <= written["aacc"] <= 100
@@ -157,9 +159,10 @@ def test_segment_script(tmp_path, device_name, teacher):
         f"image={image}",
         "classes=[sky,'person, astronaut',rocket,'smoke, cloud']",
         "bounds=[160,128]",
-        f"teacher={str(teacher).lower()}",
-        "slide.window=96",
-        "slide.stride=32",
+        f"show_teacher={str(teacher).lower()}",
+        "teacher.window=96",
+        "teacher.stride=32",
+        "templates=single",
         f"device={device_name}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
@@ -173,15 +176,15 @@ def test_segment_script(tmp_path, device_name, teacher):
         assert np.asarray(picture.convert("RGB")).std() > 0
 
 
-@pytest.mark.parametrize("mode", ["single", "slide"])
-def test_extract_features_script(tmp_path, scene_images, device_name, mode, tiny_backbone):
+@pytest.mark.parametrize("features", ["student", "teacher"])
+def test_extract_features_script(tmp_path, scene_images, device_name, features, tiny_backbone):
     out = tmp_path / "features"
     result = run_script(
         "extract_features.py",
         f"images={scene_images}",
         f"output={out}",
-        f"mode={mode}",
-        "slide.window=96",
+        f"features={features}",
+        "teacher.window=96",
         "bounds=[160,128]",
         f"device={device_name}",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -192,12 +195,12 @@ def test_extract_features_script(tmp_path, scene_images, device_name, mode, tiny
     files = sorted(out.glob("*.safetensors"))
     assert [f.stem for f in files] == sorted(p.stem for p in scene_images.glob("*.jpg"))
     for path in files:
-        features = assert_finite_tensors(path)["features"]
+        stored = assert_finite_tensors(path)["features"]
         with safe_open(str(path), "pt") as file:
             info = json.loads(file.metadata()["info"])
-        assert info["mode"] == mode and features.dtype == torch.float16
+        assert info["features"] == features and stored.dtype == torch.float16
         rows, cols = (math.ceil(side / tiny_backbone.patch_size) for side in info["input_size"])
-        assert tuple(features.shape) == (tiny_backbone.embed_dim, rows, cols)
+        assert tuple(stored.shape) == (tiny_backbone.embed_dim, rows, cols)
 
 
 def test_demo_script(tmp_path, device_name, distilled_checkpoint):

@@ -1,0 +1,105 @@
+"""Configuration vocabulary: settings that were renamed fail with their new spelling.
+
+:data:`RENAMED_SETTINGS` holds, per entry point, a table ``old key -> new spelling``.
+Scripts check their command-line overrides against it before Hydra composes the config (Hydra
+would only say that the old key is unknown), and the library functions that take a config
+check its keys too, so a notebook's hand-written dict gets the same message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+_MODE_TO_FEATURES = "features (mode=single: features=student, mode=slide: features=teacher)"
+_SLIDE_TO_TEACHER = "teacher (e.g. teacher.stride=48; configs/teacher/sliding_window.yaml)"
+#: Per entry point (configs/<name>.yaml): renamed setting or override -> its new spelling.
+RENAMED_SETTINGS: dict[str, dict[str, str]] = {
+    "eval": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
+    "extract_features": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
+    "segment": {
+        "slide": _SLIDE_TO_TEACHER,
+        "teacher=true": "show_teacher=true (teacher.* now holds the teacher's settings)",
+        "teacher=false": "show_teacher=false",
+    },
+}
+
+
+class RenamedSettingError(ValueError):
+    """A setting was given under a name it no longer has; the message gives the new one."""
+
+
+def _override_key(override: str) -> str:
+    """``"+teacher.stride=48"`` -> ``"teacher.stride"`` (Hydra's ``+``, ``++``, ``~`` stripped)."""
+    return override.split("=", 1)[0].lstrip("+~").strip()
+
+
+def _has_key(config: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_renamed(
+    settings: Mapping[str, Any] | Sequence[str], renamed: Mapping[str, str], where: str
+) -> None:
+    """Raise :class:`RenamedSettingError` if ``settings`` uses a key of ``renamed``.
+
+    Args:
+        settings: a (nested) config mapping, or Hydra command-line overrides such as
+            ``["mode=slide", "slide.stride=48"]``.
+        renamed: dotted old key (or a whole old override, ``"teacher=true"``) -> how to write
+            it now; one of :data:`RENAMED_SETTINGS`.
+        where: the script or function, named in the message.
+    """
+    if isinstance(settings, Mapping):
+        used = [old for old in renamed if _has_key(settings, old)]
+    else:
+        given = [o.lstrip("+~").strip() for o in settings if not o.startswith("-")]
+        keys = [_override_key(override) for override in given]
+        used = [
+            old
+            for old in renamed
+            if old in given or any(k == old or k.startswith(old + ".") for k in keys)
+        ]
+    if used:
+        lines = "; ".join(f"{old} is now {renamed[old]}" for old in used)
+        raise RenamedSettingError(f"{where}: renamed settings: {lines}")
+
+
+def reject_renamed_overrides(
+    overrides: Sequence[str], renamed: Mapping[str, str], where: str
+) -> None:
+    """For scripts: exit with the message of :func:`check_renamed` (no traceback) on old keys."""
+    try:
+        check_renamed(overrides, renamed, where)
+    except RenamedSettingError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def renamed_arguments(**renamed: str) -> Callable[[F], F]:
+    """Decorate a function whose keyword arguments were renamed: ``old="new spelling"``.
+
+    Passing an old keyword raises ``TypeError`` naming the new one, instead of Python's bare
+    "unexpected keyword argument".
+    """
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            used = [old for old in renamed if old in kwargs]
+            if used:
+                lines = "; ".join(f"{old}= is now {renamed[old]}" for old in used)
+                raise TypeError(f"{function.__qualname__}: renamed arguments: {lines}")
+            return function(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
