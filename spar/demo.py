@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import renamed_arguments
-from .data import load_image, resize_to_fit
+from .data import prepare_image
 from .io import atomic_save_image, atomic_write_json
 from .models import SlidingWindowTeacher, build_teacher
 from .segmentation import OpenVocabSegmenter, parse_classes
@@ -77,8 +77,7 @@ def compare_teacher_student(
     device = module_device(backbone)
     rows = []
     for path in tqdm(list(image_paths), desc="teacher vs student", unit="image"):
-        image = resize_to_fit(load_image(path), bounds)
-        inputs = backbone.normalize(image).to(device)
+        image, inputs = prepare_image(path, bounds, backbone.mean, backbone.std, device)
         student, student_seconds = _timed(backbone, inputs)
         stitched, teacher_seconds = _timed(teacher, inputs)
         maps = [stitched[0], student.float()[0]]

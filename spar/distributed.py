@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
-from .utils import resolve_device
+from .utils import pass_through, resolve_device
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,24 @@ class DistributedContext:
         gathered: list[list[str] | None] = [None] * self.world_size
         dist.all_gather_object(gathered, list(items))
         return sorted({item for part in gathered for item in part or []})
+
+    def shard_loader(
+        self, dataset: Dataset, num_workers: int = 0, pin_memory: bool = False
+    ) -> DataLoader:
+        """This rank's share of ``dataset``: items ``rank, rank + W, ...``, one at a time as they
+        are (no batching, no collation), loaded by ``num_workers`` processes."""
+        shard = list(range(self.rank, len(dataset), self.world_size))
+        return DataLoader(
+            Subset(dataset, shard),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=pass_through,
+            pin_memory=pin_memory,
+        )
+
+    def progress(self, iterable: Iterable, show: bool = True, **options: Any) -> tqdm:
+        """A tqdm bar over ``iterable``, drawn by rank 0 only (and only when ``show``)."""
+        return tqdm(iterable, disable=not (show and self.is_main), **options)
 
     @property
     def _reduce_device(self) -> torch.device:

@@ -21,18 +21,16 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from .config import RENAMED_SETTINGS, check_renamed
 from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark
-from .data.images import resize_to_fit, to_model_input
+from .data.images import prepare_image
 from .distributed import DistributedContext, init_distributed
 from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
 from .models import build_teacher, create_backbone
 from .segmentation import OpenVocabSegmenter, load_class_names
-from .utils import autocast_for, pass_through
+from .utils import autocast_for
 
 FEATURE_SOURCES = ("student", "teacher")
 
@@ -92,30 +90,17 @@ def evaluate_benchmark(
         )
     names = list(class_names or [str(i) for i in range(dataset.num_classes)])
     metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
-    shard = list(range(context.rank, len(dataset), context.world_size))
-    loader = DataLoader(
-        Subset(dataset, shard),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=pass_through,
-        pin_memory=device.type == "cuda",
-    )
+    loader = context.shard_loader(dataset, num_workers, pin_memory=device.type == "cuda")
     skipped, evaluated = [], 0
     start = time.perf_counter()
-    progress = tqdm(
-        loader,
-        total=len(shard),
-        desc=f"{dataset.spec.name}",
-        unit="img",
-        disable=not (show_progress and context.is_main),
-    )
+    progress = context.progress(loader, show_progress, desc=dataset.spec.name, unit="img")
     for item in progress:
         if item["skipped"] is not None:
             warnings.warn(f"skipping {item['image_path']}: {item['skipped']}", stacklevel=2)
             skipped.append(item["image_path"])
             continue
         label = item["label"]
-        inputs = to_model_input(resize_to_fit(item["image"], bounds), mean, std).to(device)
+        _, inputs = prepare_image(item["image"], bounds, mean, std, device)
         with torch.no_grad(), autocast():
             prediction = segmenter.predict(inputs, output_size=tuple(label.shape))[0].cpu()
         metric.update(prediction, label)

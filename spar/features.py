@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .data.images import load_image, resize_to_fit, to_model_input
+from .data.images import load_image, prepare_image
 from .io import atomic_path
 from .utils import module_device
 
@@ -67,8 +67,8 @@ def extract_features(
             counts["skipped"] += 1
             counts["skipped_files"].append(str(path))
             continue
-        resized = resize_to_fit(pixels, bounds) if bounds is not None else pixels
-        features = dense(to_model_input(resized, mean, std).to(device))[0]
+        resized, inputs = prepare_image(pixels, bounds, mean, std, device)
+        features = dense(inputs)[0]
         info = {
             "image": str(path),
             "original_size": list(pixels.shape[-2:]),

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .config import renamed_arguments
-from .data.images import load_image, resize_to_fit, to_model_input
+from .data.images import prepare_image
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
 
@@ -145,13 +145,7 @@ def _prepared(
     backbone: nn.Module, image: str | Path | torch.Tensor, bounds: Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image in [0, 1] resized to fit ``bounds``, normalised (1, 3, H, W) on the device)."""
-    pixels = load_image(image) if isinstance(image, str | Path) else image
-    if pixels.ndim != 3 or pixels.shape[0] != 3:
-        raise ValueError(f"image must be a path or a (3, H, W) tensor, got {tuple(pixels.shape)}")
-    if bounds is not None:
-        pixels = resize_to_fit(pixels, bounds)
-    device = module_device(backbone)
-    return pixels, to_model_input(pixels, backbone.mean, backbone.std).to(device)
+    return prepare_image(image, bounds, backbone.mean, backbone.std, module_device(backbone))
 
 
 @torch.no_grad()

@@ -1,5 +1,19 @@
 """Reading images and turning them into model inputs."""
 
-from .images import IMAGE_SUFFIXES, list_images, load_image, resize_to_fit, to_model_input
+from .images import (
+    IMAGE_SUFFIXES,
+    list_images,
+    load_image,
+    prepare_image,
+    resize_to_fit,
+    to_model_input,
+)
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "load_image", "resize_to_fit", "to_model_input"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "list_images",
+    "load_image",
+    "prepare_image",
+    "resize_to_fit",
+    "to_model_input",
+]

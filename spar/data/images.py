@@ -78,3 +78,30 @@ def to_model_input(
     mean_t = torch.tensor(mean, dtype=batched.dtype, device=batched.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=batched.dtype, device=batched.device).view(1, 3, 1, 1)
     return (batched - mean_t) / std_t
+
+
+def prepare_image(
+    image: str | Path | torch.Tensor,
+    bounds: Sequence[int] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one way from an image to model input: load, resize to fit, normalise, move.
+
+    Args:
+        image: an image file, or a (3, H, W) float tensor in [0, 1].
+        bounds: (long, short) bound for :func:`resize_to_fit`; ``None`` keeps the size.
+        mean, std: the backbone's input normalisation.
+        device: where the model input goes (default: where ``image`` is).
+
+    Returns:
+        (pixels, inputs): the resized (3, H, W) image in [0, 1], and the normalised
+        (1, 3, H, W) model input on ``device``.
+    """
+    pixels = load_image(image) if isinstance(image, str | Path) else image
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"image must be a path or a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    if bounds is not None:
+        pixels = resize_to_fit(pixels, bounds)
+    return pixels, to_model_input(pixels, mean, std).to(device or pixels.device)
