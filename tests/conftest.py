@@ -13,15 +13,29 @@ from spar.models import create_backbone  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_backbone():
-    """The embedded default: a tiny random CLIP ViT/16 on the MaskCLIP path (shared, read-only)."""
-    return create_backbone("tiny")
+def tiny_backbones():
+    """``tiny_backbones(name)``: one shared, read-only instance per tiny registry entry (default
+    options), built on first use."""
+    built = {}
+
+    def shared(name: str):
+        if name not in built:
+            built[name] = create_backbone(name)
+        return built[name]
+
+    return shared
 
 
 @pytest.fixture(scope="session")
-def tiny_siglip2():
+def tiny_backbone(tiny_backbones):
+    """The embedded default: a tiny random CLIP ViT/16 on the MaskCLIP path (shared, read-only)."""
+    return tiny_backbones("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip2(tiny_backbones):
     """A tiny random SigLIP2-layout model on the siglip2 path (shared, read-only)."""
-    return create_backbone("siglip2-tiny")
+    return tiny_backbones("siglip2-tiny")
 
 
 class PatchAverageBackbone(nn.Module):

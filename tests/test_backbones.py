@@ -3,7 +3,9 @@
 import copy
 import math
 
+import open_clip
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -11,25 +13,46 @@ from timm.layers import resample_abs_pos_embed
 
 from spar.models import (
     WeightLoadingError,
+    backbone_entry,
     create_backbone,
     list_backbones,
     resolve_trainable_blocks,
 )
 from spar.models.maskclip import maskclip_block
 from spar.models.pos_embed import resample_pos_embed_by_scale, resample_pos_embed_to_size
+from spar.models.registry import BackboneConfig
 from spar.models.siglip2 import map_value_path
 
-TINY_NAMES = ["tiny", "siglip2-tiny"]
+# Every registry entry that is random by default runs offline and gets every contract test.
+TINY_NAMES = [name for name in list_backbones() if backbone_entry(name).default_pretrained is None]
 SIZES = [(224, 224), (64, 96), (320, 176), (100, 150), (33, 17)]
 
 
-@pytest.fixture
-def backbones(tiny_backbone, tiny_siglip2):
-    return {"tiny": tiny_backbone, "siglip2-tiny": tiny_siglip2}
-
-
 def test_registry_lists_the_families():
-    assert {"maskclip", "siglip2", "tiny", "siglip2-tiny"} <= set(list_backbones())
+    assert set(list_backbones()) >= {"maskclip", "siglip2", "dinov3txt"}
+    assert set(TINY_NAMES) >= {"tiny", "siglip2-tiny", "dinov3txt-tiny"}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_entry_has_a_complete_config(name):
+    """Normalisation, window, sizes; the architecture names a real open_clip model (whose
+    default tag exists with the same normalisation) or timm model; pretrained weights carry a
+    licence note."""
+    config = backbone_entry(name).config
+    assert isinstance(config, BackboneConfig) and config.description
+    assert len(config.mean) == len(config.std) == 3
+    assert all(0 < v < 1 for v in config.mean + config.std)
+    assert config.native_size % config.patch_size == 0 and config.embed_dim > 0
+    if config.architecture in open_clip.list_models():
+        assert config.default_pretrained in open_clip.list_pretrained_tags_by_model(
+            config.architecture
+        )
+        tag = open_clip.get_pretrained_cfg(config.architecture, config.default_pretrained)
+        assert (tag["mean"], tag["std"]) == (config.mean, config.std)
+    elif config.architecture is not None:
+        assert timm.is_model(config.architecture)
+    if config.default_pretrained is not None:
+        assert config.license
 
 
 def test_unknown_backbone_names_the_known_ones():
@@ -43,28 +66,40 @@ def test_unknown_option_is_named():
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_contract_attributes(backbones, name):
-    backbone = backbones[name]
-    assert backbone.patch_size == 16
-    assert backbone.embed_dim == 64
-    assert len(backbone.mean) == 3 and len(backbone.std) == 3
-    assert backbone.native_size == ((224, 224) if name == "tiny" else (128, 128))
+def test_contract_attributes_follow_the_config(tiny_backbones, name):
+    backbone, config = tiny_backbones(name), backbone_entry(name).config
+    assert backbone.patch_size == config.patch_size
+    assert backbone.embed_dim == config.embed_dim
+    assert backbone.native_size == (config.native_size, config.native_size)
+    assert backbone.mean == config.mean and backbone.std == config.std
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_random_init_is_seeded(tiny_backbones, name):
+    """The same seed gives the same weights, another seed others; the global RNG is untouched."""
+    rng = torch.random.get_rng_state()
+    again, other = create_backbone(name), create_backbone(name, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    shared = tiny_backbones(name).state_dict()
+    assert all(torch.equal(v, shared[k]) for k, v in again.state_dict().items())
+    assert not all(torch.equal(v, shared[k]) for k, v in other.state_dict().items())
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
 @pytest.mark.parametrize("size", SIZES)
-def test_any_resolution_gives_the_patch_grid(backbones, name, size):
-    backbone = backbones[name]
+def test_any_resolution_gives_the_patch_grid(tiny_backbones, name, size):
+    backbone = tiny_backbones(name)
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
         features = backbone(images)
-    assert features.shape == (2, 64, math.ceil(size[0] / 16), math.ceil(size[1] / 16))
+    grid = (math.ceil(size[0] / 16), math.ceil(size[1] / 16))
+    assert features.shape == (2, backbone.embed_dim, *grid)
     assert torch.isfinite(features).all()
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_sizes_off_the_patch_multiple_are_zero_padded(backbones, name):
-    backbone = backbones[name]
+def test_sizes_off_the_patch_multiple_are_zero_padded(tiny_backbones, name):
+    backbone = tiny_backbones(name)
     images = torch.randn(1, 3, 100, 150)
     padded = F.pad(images, (0, 10, 0, 12))
     with torch.no_grad():
@@ -72,11 +107,12 @@ def test_sizes_off_the_patch_multiple_are_zero_padded(backbones, name):
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_encode_text_shape(backbones, name):
-    embeddings = backbones[name].encode_text(["a photo of a cat", "sky", "road"])
-    assert embeddings.shape == (3, 64)
+def test_encode_text_shape(tiny_backbones, name):
+    backbone = tiny_backbones(name)
+    embeddings = backbone.encode_text(["a photo of a cat", "sky", "road"])
+    assert embeddings.shape == (3, backbone.embed_dim)
     with pytest.raises(ValueError, match="at least one"):
-        backbones[name].encode_text([])
+        backbone.encode_text([])
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
@@ -88,9 +124,9 @@ def test_encode_text_shape(backbones, name):
         torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
     ],
 )
-def test_bad_images_are_rejected(backbones, name, bad):
+def test_bad_images_are_rejected(tiny_backbones, name, bad):
     with pytest.raises(ValueError, match="images"):
-        backbones[name](bad)
+        tiny_backbones(name)(bad)
 
 
 def _maskclip_reference(model, images):
@@ -161,13 +197,34 @@ def test_siglip2_value_path_is_the_pool_with_a_single_key(tiny_siglip2):
         torch.testing.assert_close(map_value_path(pool, tokens), pool(tokens)[:, None])
 
 
+def _bicubic_reference(table, source, **size_or_scale):
+    """What both conventions compute: ``F.interpolate`` bicubic without antialiasing."""
+    grid = table.float().reshape(1, *source, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid, mode="bicubic", align_corners=False, antialias=False, **size_or_scale
+    )
+    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((14, 14), (20, 11)), ((8, 8), (5, 13)), ((14, 14), (64, 48)), ((7, 5), (1, 30))],
+)
+def test_position_resampling_is_bitwise_the_bicubic_reference(source, target, dtype):
+    table = torch.randn(source[0] * source[1], 24).to(dtype)
+    scale = tuple((t + 0.1) / s for t, s in zip(target, source, strict=True))
+    by_scale = _bicubic_reference(table, source, scale_factor=scale)
+    to_size = _bicubic_reference(table, source, size=target)
+    assert torch.equal(resample_pos_embed_by_scale(table, source, target), by_scale)
+    assert torch.equal(resample_pos_embed_to_size(table, source, target), to_size)
+
+
 def test_siglip2_resamples_to_size_without_antialiasing(tiny_siglip2):
     pos = tiny_siglip2.trunk.pos_embed.data
     ours = resample_pos_embed_to_size(pos[0], (8, 8), (5, 13))
-    timm_no_aa = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=False)
-    timm_aa = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=True)
-    torch.testing.assert_close(ours, timm_no_aa[0])
-    assert not torch.allclose(ours, timm_aa[0])
+    antialiased = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=True)
+    assert not torch.allclose(ours, antialiased[0])
 
 
 def test_native_grid_keeps_the_pretrained_embedding_unchanged():
@@ -187,9 +244,15 @@ def test_real_architectures_build_and_run(name, native, dim, context):
         seen.extend(texts)
         return torch.randint(1, 1000, (len(texts), context))
 
+    config = backbone_entry(name).config
+    assert (config.native_size, config.embed_dim) == (native, dim)
     backbone = create_backbone(name, pretrained=None, tokenizer=tokenizer)
     assert backbone.native_size == (native, native)
-    assert backbone.embed_dim == dim
+    assert backbone.embed_dim == dim and backbone.patch_size == config.patch_size
+    if name == "maskclip":
+        assert backbone.model.visual.image_size == (native, native)
+    else:
+        assert backbone.trunk.patch_embed.img_size == (native, native)
     with torch.no_grad():
         assert backbone(torch.randn(1, 3, 240, 320)).shape == (1, dim, 15, 20)
         assert backbone.encode_text(["a cat", "a dog"]).shape == (2, dim)
@@ -257,6 +320,42 @@ def test_unreadable_weight_file_is_named(tmp_path):
 def test_unknown_pretrained_tag_lists_the_known_tags():
     with pytest.raises(ValueError, match="laion2b_s34b_b88k"):
         create_backbone("maskclip", pretrained="imagenet-best")
+
+
+@pytest.fixture
+def tag_downloads(monkeypatch, tmp_path):
+    """open_clip's tag download stubbed: every tag 'downloads' an unreadable file; returns it."""
+    from spar.models import open_clip_common
+
+    path = tmp_path / "open_clip_model.bin"
+    path.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(open_clip_common, "download_pretrained", lambda cfg: str(path))
+    return path
+
+
+def test_a_tags_file_is_read_by_spars_reader(tag_downloads):
+    """Tag weights go through read_weight_file (whose error names the file), before any model
+    is built."""
+    with pytest.raises(WeightLoadingError, match="never runs code") as error:
+        create_backbone("maskclip")
+    assert str(tag_downloads) in str(error.value)
+
+
+def test_quick_gelu_tags_warn_as_open_clip_does(tag_downloads):
+    with pytest.warns(UserWarning, match="'openai' was trained with QuickGELU"):
+        with pytest.raises(WeightLoadingError):
+            create_backbone("maskclip", pretrained="openai")
+
+
+def test_a_failed_tag_download_names_the_tag(monkeypatch):
+    from spar.models import open_clip_common
+
+    def offline(cfg):
+        raise FileNotFoundError("the hub is offline")
+
+    monkeypatch.setattr(open_clip_common, "download_pretrained", offline)
+    with pytest.raises(WeightLoadingError, match="'webli' weights of open_clip.*offline"):
+        create_backbone("siglip2")
 
 
 # --- trainable blocks -------------------------------------------------------------------------

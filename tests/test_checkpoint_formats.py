@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from spar.models import WeightLoadingError, create_backbone
+from spar.models import WeightLoadingError, backbone_entry, create_backbone, list_backbones
 from spar.models.checkpoint import load_any_checkpoint, read_released_weights, save_checkpoint
 from spar.models.weights import read_weight_file
 
@@ -47,7 +47,10 @@ def lightning_module(monkeypatch):
     sys.modules[AttributeDict.__module__].AttributeDict = AttributeDict
 
 
-@pytest.fixture(params=["tiny", "siglip2-tiny"])
+TINY_NAMES = [name for name in list_backbones() if backbone_entry(name).default_pretrained is None]
+
+
+@pytest.fixture(params=TINY_NAMES)
 def source(request):
     """(name, a randomly initialised model of that family whose weights we release)."""
     return request.param, create_backbone(request.param, pretrained=None, seed=7)

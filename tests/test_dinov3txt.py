@@ -4,8 +4,9 @@ import pytest
 import torch
 from helpers import write_scene_images
 
-from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
-from spar.models.dinov3txt import TINY_ARCHITECTURE, DinoTxtArchitecture
+from spar.models import SlidingWindowTeacher, WeightLoadingError, backbone_entry, create_backbone
+from spar.models.dinov3txt import TINY_ARCHITECTURE, DinoV3TxtBackbone, official_state
+from spar.models.dinov3txt_layers import DinoTxtArchitecture, DinoTxtModel
 from spar.segmentation import OpenVocabSegmenter
 
 ARCH = TINY_ARCHITECTURE
@@ -113,16 +114,10 @@ def official_files(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return create_backbone("dinov3txt-tiny")
-
-
-@pytest.mark.parametrize("size", [(128, 128), (64, 96), (70, 100), (256, 160)])
-def test_any_resolution_gives_the_patch_grid(tiny, size):
-    with torch.no_grad():
-        features = tiny(torch.randn(2, 3, *size))
-    assert features.shape == (2, ARCH.width, -(-size[0] // 16), -(-size[1] // 16))
+@pytest.fixture
+def tiny(tiny_backbones):
+    """The shared dinov3txt-tiny (its contract tests are in test_backbones.py)."""
+    return tiny_backbones("dinov3txt-tiny")
 
 
 def test_text_is_the_patch_aligned_half(tiny):
@@ -192,16 +187,26 @@ def test_released_spar_checkpoint_with_official_trunk_names_loads(official_files
     )
 
 
-def test_real_architecture_and_window():
-    arch = DinoTxtArchitecture()
-    assert (arch.width, arch.depth, arch.heads, arch.embed_dim, arch.native_size) == (
-        1024,
-        24,
-        16,
-        2048,
-        384,
-    )
-    assert (arch.text_width, arch.text_heads, arch.text_layers) == (1280, 20, 24)
+def test_official_architecture_fits_the_official_file_layout():
+    """The ViT-L/16 dino.txt sizes with timm's trunk have exactly the keys and shapes of the two
+    official files, and the rotary periods the backbone file stores (which fix the head count);
+    the backbone follows its registry config. Built on the meta device: no memory, no time."""
+    arch, config = DinoTxtArchitecture(), backbone_entry("dinov3txt").config
+    with torch.device("meta"):
+        model = DinoTxtModel(arch, config.architecture, config.native_size)
+        backbone_file = official_backbone_state(arch)
+        head_file = official_head_and_text_state(arch)
+    state = official_state(model, backbone_file, head_file)
+    assert {k: v.shape for k, v in state.items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    trunk = model.visual_model.backbone
+    assert trunk.rope.periods.shape == backbone_file["rope_embed.periods"].shape
+    assert trunk.num_prefix_tokens == 1 + backbone_file["storage_tokens"].shape[1]
+    backbone = DinoV3TxtBackbone(model, config, tokenizer=None)
+    assert (backbone.embed_dim, backbone.patch_size) == (config.embed_dim, config.patch_size)
+    assert backbone.native_size == (config.native_size, config.native_size) == (384, 384)
+    assert head_file["text_model.head.linear_projection.weight"].shape[0] == 2 * config.embed_dim
 
 
 def test_trainable_blocks_are_the_trunk_tail(tiny):
@@ -258,8 +263,7 @@ def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
 
 
 def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
-    from helpers import write_benchmark
-    from test_evaluation import eval_config, miou_from_pngs
+    from helpers import eval_config, miou_from_pngs, write_benchmark
 
     from spar.demo import SAMPLE_IMAGES, compare_teacher_student
     from spar.evaluation import run_evaluation
@@ -269,8 +273,8 @@ def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
         "dataset=cityscapes",
         f"dataset.root={tmp_path / 'cs'}",
         "backbone.name=dinov3txt-tiny",
-        "mode=slide",
-        "slide.window=64",
+        "features=teacher",
+        "teacher.window=64",
         "save_predictions=true",
     )
     results = run_evaluation(cfg, tmp_path / "eval")

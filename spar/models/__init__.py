@@ -2,11 +2,18 @@
 
 from . import dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
 from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
-from .registry import backbone_entry, create_backbone, list_backbones, register_backbone
+from .registry import (
+    BackboneConfig,
+    backbone_entry,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
 from .teacher import SlidingWindowTeacher, WindowLayout, build_teacher
 from .weights import WeightLoadingError
 
 __all__ = [
+    "BackboneConfig",
     "DenseBackbone",
     "SlidingWindowTeacher",
     "WeightLoadingError",

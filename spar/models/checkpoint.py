@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path
 from ..utils import check_finite
-from .weights import WeightLoadingError, load_state_dict_strict, read_weight_file
+from .weights import (
+    WeightLoadingError,
+    load_state_dict_strict,
+    read_safetensors_metadata,
+    read_safetensors_with_metadata,
+    read_weight_file,
+)
 
 CHECKPOINT_FORMAT = "spar-checkpoint-v1"
 
@@ -66,15 +71,7 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a SPAR checkpoint; metadata JSON fields are decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadingError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            raw = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # noqa: BLE001 - re-raised naming the file
-        raise WeightLoadingError(f"cannot read checkpoint {path}: {error}") from error
+    tensors, raw = read_safetensors_with_metadata(path)
     if raw.get("format") != CHECKPOINT_FORMAT:
         raise WeightLoadingError(
             f"{path} is not a SPAR checkpoint (format {raw.get('format')!r}, expected "
@@ -161,9 +158,8 @@ def is_spar_checkpoint(path: str | Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
     try:
-        with safe_open(str(path), framework="pt") as file:
-            return (file.metadata() or {}).get("format") == CHECKPOINT_FORMAT
-    except Exception:  # noqa: BLE001 - unreadable: not ours; the caller reports it
+        return read_safetensors_metadata(path).get("format") == CHECKPOINT_FORMAT
+    except WeightLoadingError:  # unreadable: not ours; the caller reports it
         return False
 
 

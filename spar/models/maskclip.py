@@ -18,7 +18,26 @@ from torch import nn
 from .base import Tokenizer
 from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
 from .pos_embed import resample_pos_embed_by_scale
-from .registry import register_backbone
+from .registry import BackboneConfig, register_backbone
+
+MASKCLIP = BackboneConfig(
+    description="OpenCLIP ViT-B/16, MaskCLIP-style dense features, window 224",
+    default_pretrained="laion2b_s34b_b88k",
+    mean=OPENAI_DATASET_MEAN,
+    std=OPENAI_DATASET_STD,
+    native_size=224,
+    embed_dim=512,
+    architecture="ViT-B-16",
+    license="MIT (OpenCLIP LAION-2B weights)",
+)
+TINY = BackboneConfig(
+    description="tiny random CLIP ViT/16 on the MaskCLIP code path, for demos and tests",
+    default_pretrained=None,
+    mean=OPENAI_DATASET_MEAN,
+    std=OPENAI_DATASET_STD,
+    native_size=224,
+    embed_dim=64,
+)
 
 
 def value_path_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +67,7 @@ def maskclip_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tens
 class MaskClipBackbone(OpenClipBackbone):
     """open_clip ``CLIP`` with a ``VisionTransformer`` tower, dense features MaskCLIP-style."""
 
-    def __init__(self, model: nn.Module, **kwargs) -> None:
+    def __init__(self, model: nn.Module, config: BackboneConfig, **kwargs) -> None:
         visual = model.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise TypeError(f"MaskCLIP needs an open_clip VisionTransformer, got {type(visual)}")
@@ -57,8 +76,8 @@ class MaskClipBackbone(OpenClipBackbone):
             raise TypeError(f"MaskCLIP needs ResidualAttentionBlock blocks, got {type(last)}")
         super().__init__(
             model,
+            config,
             embed_dim=visual.output_dim,
-            native_size=tuple(visual.image_size),
             patch_size=visual.patch_size[0],
             **kwargs,
         )
@@ -98,38 +117,35 @@ class MaskClipBackbone(OpenClipBackbone):
 
 
 def _clip_backbone(
-    model: nn.Module, tokenizer: Tokenizer | None, fused_attention: bool = True
+    model: nn.Module, config: BackboneConfig, tokenizer: Tokenizer | None, fused_attention: bool
 ) -> MaskClipBackbone:
     """Wrap a CLIP model; every CLIP here uses the (offline) ``ViT-B-16`` tokenizer."""
     return MaskClipBackbone(
         model,
-        mean=OPENAI_DATASET_MEAN,
-        std=OPENAI_DATASET_STD,
+        config,
         tokenizer=tokenizer,
         tokenizer_name="ViT-B-16",
         fused_attention=fused_attention,
     )
 
 
-@register_backbone(
-    "maskclip",
-    default_pretrained="laion2b_s34b_b88k",
-    description="OpenCLIP ViT-B/16, MaskCLIP-style dense features, window 224",
-)
 def maskclip(
-    pretrained: str | None, tokenizer: Tokenizer | None = None, fused_attention: bool = True
+    config: BackboneConfig,
+    pretrained: str | None,
+    tokenizer: Tokenizer | None = None,
+    fused_attention: bool = True,
 ) -> MaskClipBackbone:
-    model = create_open_clip_model("ViT-B-16", pretrained)
-    return _clip_backbone(model, tokenizer, fused_attention)
+    model = create_open_clip_model(config.architecture, pretrained)
+    return _clip_backbone(model, config, tokenizer, fused_attention)
 
 
-def tiny_clip_config(width: int = 64, depth: int = 4, embed_dim: int = 64) -> dict:
-    """open_clip ``CLIP`` kwargs: a tiny ViT/16 at 224 px, a small CLIP-tokenizer text tower."""
+def tiny_clip_config(width: int, depth: int, embed_dim: int, image_size: int) -> dict:
+    """open_clip ``CLIP`` kwargs: a tiny ViT/16, a small CLIP-tokenizer text tower."""
     head_width = min(32, width)
     return dict(
         embed_dim=embed_dim,
         vision_cfg=dict(
-            image_size=224, patch_size=16, width=width, layers=depth, head_width=head_width
+            image_size=image_size, patch_size=16, width=width, layers=depth, head_width=head_width
         ),
         text_cfg=dict(
             context_length=77, vocab_size=49408, width=width, heads=width // head_width, layers=2
@@ -137,12 +153,8 @@ def tiny_clip_config(width: int = 64, depth: int = 4, embed_dim: int = 64) -> di
     )
 
 
-@register_backbone(
-    "tiny",
-    default_pretrained=None,
-    description="tiny random CLIP ViT/16 on the MaskCLIP code path, for demos and tests",
-)
 def tiny(
+    config: BackboneConfig,
     pretrained: str | None,
     tokenizer: Tokenizer | None = None,
     width: int = 64,
@@ -152,6 +164,10 @@ def tiny(
     fused_attention: bool = True,
 ) -> MaskClipBackbone:
     """Random weights drawn from ``seed``, so two calls give the same model."""
-    build = seeded(lambda: open_clip.CLIP(**tiny_clip_config(width, depth, embed_dim)), seed)
-    model = create_open_clip_model(None, pretrained, build=build)
-    return _clip_backbone(model, tokenizer, fused_attention)
+    kwargs = tiny_clip_config(width, depth, embed_dim, config.native_size)
+    model = create_open_clip_model(None, pretrained, build=seeded(open_clip.CLIP, seed, **kwargs))
+    return _clip_backbone(model, config, tokenizer, fused_attention)
+
+
+register_backbone("maskclip", maskclip, MASKCLIP)
+register_backbone("tiny", tiny, TINY)

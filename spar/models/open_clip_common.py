@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.pretrained import (
+    download_pretrained,
+    download_pretrained_from_hf,
+    get_pretrained_cfg,
+)
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import DenseBackbone, Tokenizer
-from .weights import (
-    HF_HUB_PREFIX,
-    WeightLoadingError,
-    download_from_hub,
-    load_state_dict_strict,
-    looks_like_path,
-    read_state_dict,
-)
+from .registry import BackboneConfig
+from .weights import WeightLoadingError, load_state_dict_strict, looks_like_path, read_state_dict
+
+HF_HUB_PREFIX = "hf-hub:"
+HUB_WEIGHT_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def create_open_clip_model(
     model_name: str | None, pretrained: str | None, build: Callable[[], nn.Module] | None = None
 ) -> nn.Module:
     """Build an open_clip model and fill it according to ``pretrained``.
+
+    Every file, whether a tag's, a hub repository's or a local one, is read by
+    :func:`~spar.models.weights.read_state_dict` and must fit the model exactly.
 
     Args:
         model_name: open_clip architecture name (e.g. ``"ViT-B-16"``) whose pretrained tags are
@@ -42,36 +48,70 @@ def create_open_clip_model(
     if pretrained is None:
         return build()
     if pretrained.startswith(HF_HUB_PREFIX):
-        return load_weights_file(build(), download_from_hub(pretrained))
-    if Path(pretrained).is_file():
-        return load_weights_file(build(), pretrained)
-    if looks_like_path(pretrained):
+        path = download_from_hub(pretrained)
+    elif Path(pretrained).is_file():
+        path = pretrained
+    elif looks_like_path(pretrained):
         raise WeightLoadingError(f"pretrained weight file not found: {pretrained}")
+    else:
+        path = download_tag(model_name, pretrained)
+    state = read_state_dict(path)  # before building: an unreadable file fails fast
+    model = build()
+    load_state_dict_strict(model, state, source=str(path))
+    return model
+
+
+def download_tag(model_name: str | None, tag: str) -> str:
+    """Fetch the weight file of open_clip's pretrained ``tag`` of ``model_name``; its local path.
+
+    An unknown tag raises ``ValueError`` listing the known ones. Like ``open_clip.create_model``,
+    this warns when the tag was trained with QuickGELU (``openai``, ``dfn2b``, ``metaclip_*``):
+    the model is built as open_clip builds it for ``model_name``, with GELU.
+    """
     tags = open_clip.list_pretrained_tags_by_model(model_name) if model_name else []
-    if pretrained not in tags:
+    if tag not in tags:
         raise ValueError(
-            f"unknown pretrained tag {pretrained!r} for open_clip {model_name or 'custom model'}; "
-            "known tags: "
-            f"{', '.join(tags) or '(none)'}; or give an hf-hub: id or a local weight file"
+            f"unknown pretrained tag {tag!r} for open_clip {model_name or 'custom model'}; "
+            f"known tags: {', '.join(tags) or '(none)'}; or give an hf-hub: id or a local "
+            "weight file"
         )
-    return open_clip.create_model(model_name, pretrained=pretrained)
+    cfg = get_pretrained_cfg(model_name, tag)
+    if cfg.get("quick_gelu", False):
+        warnings.warn(
+            f"open_clip tag {tag!r} was trained with QuickGELU; {model_name} uses GELU",
+            UserWarning,
+            stacklevel=2,
+        )
+    try:
+        return download_pretrained(cfg)
+    except Exception as error:  # noqa: BLE001 - re-raised naming the tag
+        raise WeightLoadingError(
+            f"cannot download the {tag!r} weights of open_clip {model_name}: {error}"
+        ) from error
 
 
-def seeded(build: Callable[..., nn.Module], seed: int, *args) -> Callable[[], nn.Module]:
-    """A builder calling ``build(*args)`` with the RNG seeded, leaving the global RNG untouched."""
+def download_from_hub(hub_id: str) -> str:
+    """Fetch an open_clip weight file from ``hf-hub:org/repo`` and return its local path."""
+    repo = hub_id[len(HF_HUB_PREFIX) :]
+    errors = []
+    for filename in HUB_WEIGHT_FILENAMES:
+        try:
+            return download_pretrained_from_hf(repo, filename=filename)
+        except Exception as error:  # noqa: BLE001 - try the next file name, report all at the end
+            errors.append(f"{filename}: {error}")
+    raise WeightLoadingError(f"cannot download weights from {hub_id}: " + "; ".join(errors))
+
+
+def seeded(build: Callable[..., nn.Module], seed: int, *args, **kwargs) -> Callable[[], nn.Module]:
+    """A builder calling ``build(*args, **kwargs)`` with the RNG seeded, leaving the global RNG
+    untouched."""
 
     def build_seeded() -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build(*args)
+            return build(*args, **kwargs)
 
     return build_seeded
-
-
-def load_weights_file(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load an open_clip state dict from ``path`` into ``model`` strictly and return it."""
-    load_state_dict_strict(model, read_state_dict(path), source=str(path))
-    return model
 
 
 @contextlib.contextmanager
@@ -103,11 +143,12 @@ class OpenClipBackbone(DenseBackbone):
 
     Args:
         model: an open_clip ``CLIP`` or ``CustomTextCLIP``.
+        config: the registry entry's configuration: normalisation and native size.
         embed_dim: joint-space dimension.
-        native_size: pretraining resolution (H, W).
-        mean, std: input normalisation.
+        patch_size: side of a square patch in pixels.
         tokenizer: ``list[str] -> (N, L)`` token ids; ``None`` builds ``tokenizer_name``'s
-            open_clip tokenizer on first use (which may need a hub download for SigLIP2).
+            open_clip tokenizer for the model's context length on first use (which may need a
+            hub download for SigLIP2).
         tokenizer_name: open_clip model name whose tokenizer to build lazily.
         fused_attention: run attention through SDPA's fused kernels (default) or, for
             reference, its math kernel (see :func:`attention_backend`).
@@ -116,23 +157,20 @@ class OpenClipBackbone(DenseBackbone):
     def __init__(
         self,
         model: nn.Module,
+        config: BackboneConfig,
         *,
         embed_dim: int,
-        native_size: tuple[int, int],
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
+        patch_size: int,
         tokenizer: Tokenizer | None,
         tokenizer_name: str,
-        patch_size: int = 16,
         fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.patch_size = patch_size
         self.embed_dim = embed_dim
-        self.native_size = tuple(native_size)
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.native_size = (config.native_size, config.native_size)
+        self.mean, self.std = config.mean, config.std
         self._tokenizer = tokenizer
         self._tokenizer_name = tokenizer_name
         self.fused_attention = fused_attention
@@ -145,7 +183,9 @@ class OpenClipBackbone(DenseBackbone):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name)
+            self._tokenizer = open_clip.get_tokenizer(
+                self._tokenizer_name, context_length=self.model.context_length
+            )
         return self._tokenizer
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

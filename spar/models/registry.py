@@ -1,4 +1,4 @@
-"""One registry of named backbones with default pretrained weights."""
+"""One registry of named backbones, each with its pretrained configuration."""
 
 from __future__ import annotations
 
@@ -15,28 +15,67 @@ _DEFAULT = object()  # "use the backbone's default pretrained weights"
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    """What a registered backbone is, as timm's ``PretrainedCfg`` describes a model.
+
+    The families read ``mean``, ``std`` and ``native_size`` from here; ``patch_size`` and
+    ``embed_dim`` are what the built model has with the factory's default options (the
+    contract tests check both).
+
+    Attributes:
+        description: one line for listings.
+        default_pretrained: weights used when ``pretrained`` is left out (an open_clip tag,
+            ``"official"``) or ``None`` for a random, seeded model that runs offline.
+        mean, std: per-channel input normalisation of the pretrained weights.
+        native_size: side of the square pretraining resolution, the teacher's window.
+        patch_size: side of a square patch in pixels.
+        embed_dim: dimension C of the dense features and text embeddings.
+        architecture: the named model the family builds: an open_clip model name (whose
+            pretrained tags and tokenizer are used) or timm's trunk name; ``None`` for a tiny
+            model built from its own small configuration.
+        license: the licence of the default weights, if any.
+    """
+
+    description: str
+    default_pretrained: str | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_size: int
+    embed_dim: int
+    patch_size: int = 16
+    architecture: str | None = None
+    license: str | None = None
+
+
+@dataclass(frozen=True)
 class BackboneEntry:
-    """A registered backbone: ``factory(pretrained=..., **overrides) -> DenseBackbone``."""
+    """A registered backbone: ``factory(config, pretrained=..., **options) -> DenseBackbone``."""
 
     name: str
     factory: Callable[..., DenseBackbone]
-    default_pretrained: str | None
-    description: str
+    config: BackboneConfig
+
+    @property
+    def default_pretrained(self) -> str | None:
+        return self.config.default_pretrained
+
+    @property
+    def options(self) -> list[str]:
+        """The factory's options, i.e. the keyword arguments ``create_backbone`` accepts."""
+        names = inspect.signature(self.factory).parameters
+        return sorted(set(names) - {"config", "pretrained"})
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 
 
-def register_backbone(name: str, default_pretrained: str | None, description: str):
-    """Decorator registering a backbone factory under ``name``."""
-
-    def decorator(factory: Callable[..., DenseBackbone]) -> Callable[..., DenseBackbone]:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = BackboneEntry(name, factory, default_pretrained, description)
-        return factory
-
-    return decorator
+def register_backbone(
+    name: str, factory: Callable[..., DenseBackbone], config: BackboneConfig
+) -> None:
+    """Register ``factory(config, pretrained=..., **options)`` under ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _REGISTRY[name] = BackboneEntry(name, factory, config)
 
 
 def list_backbones() -> list[str]:
@@ -77,14 +116,13 @@ def create_backbone(
     entry = backbone_entry(name)
     if pretrained is _DEFAULT:
         pretrained = entry.default_pretrained
-    options = set(inspect.signature(entry.factory).parameters) - {"pretrained"}
-    unknown = sorted(set(overrides) - options)
+    unknown = sorted(set(overrides) - set(entry.options))
     if unknown:
         raise TypeError(
             f"backbone {name!r} has no option(s) {', '.join(unknown)}; its options: "
-            f"{', '.join(sorted(options)) or '(none)'}"
+            f"{', '.join(entry.options) or '(none)'}"
         )
-    backbone = entry.factory(pretrained=pretrained, **overrides)
+    backbone = entry.factory(entry.config, pretrained=pretrained, **overrides)
     backbone.identity = {
         "name": name,
         "pretrained": pretrained,

@@ -18,12 +18,33 @@ from torch import nn
 from .base import Tokenizer
 from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
 from .pos_embed import resample_pos_embed_to_size
-from .registry import register_backbone
+from .registry import BackboneConfig, register_backbone
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-SIGLIP2_MODEL = "ViT-B-16-SigLIP2-512"
+SIGLIP2 = BackboneConfig(
+    description="SigLIP2 ViT-B/16-512 (open_clip), MAP-head value path, window 512",
+    default_pretrained="webli",
+    mean=SIGLIP_MEAN,
+    std=SIGLIP_STD,
+    native_size=512,
+    embed_dim=768,
+    architecture="ViT-B-16-SigLIP2-512",
+    license="Apache-2.0 (Google SigLIP2 weights)",
+)
+SIGLIP2_TINY = BackboneConfig(
+    description="tiny random SigLIP2-layout model on the siglip2 code path, for tests",
+    default_pretrained=None,
+    mean=SIGLIP_MEAN,
+    std=SIGLIP_STD,
+    native_size=128,
+    embed_dim=64,
+)
+# The timm trunk of ViT-B-16-SigLIP2-512, which the tiny model builds at tiny width and depth.
 SIGLIP2_TIMM_TRUNK = "vit_base_patch16_siglip_512"
+# timm's smallest registered ViT: what open_clip builds (by name only) in the tiny model's trunk
+# slot before the tiny SigLIP2 trunk replaces it; about 10 ms.
+PLACEHOLDER_TRUNK = "test_vit"
 
 
 def map_value_path(pool: AttentionPoolLatent, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +69,7 @@ def map_value_path(pool: AttentionPoolLatent, x: torch.Tensor) -> torch.Tensor:
 class SigLIP2Backbone(OpenClipBackbone):
     """open_clip ``CustomTextCLIP`` with a timm ViT trunk and a MAP (attention-pool) head."""
 
-    def __init__(self, model: nn.Module, **kwargs) -> None:
+    def __init__(self, model: nn.Module, config: BackboneConfig, **kwargs) -> None:
         visual = model.visual
         if not isinstance(visual, TimmModel) or not isinstance(
             getattr(visual.trunk, "attn_pool", None), AttentionPoolLatent
@@ -57,13 +78,11 @@ class SigLIP2Backbone(OpenClipBackbone):
         trunk = visual.trunk
         if trunk.num_prefix_tokens != 0:
             raise TypeError("SigLIP2 trunks have no class or register tokens")
-        patch = trunk.patch_embed.patch_size[0]
-        grid = trunk.patch_embed.grid_size
         super().__init__(
             model,
+            config,
             embed_dim=trunk.attn_pool.out_features,
-            native_size=(grid[0] * patch, grid[1] * patch),
-            patch_size=patch,
+            patch_size=trunk.patch_embed.patch_size[0],
             **kwargs,
         )
 
@@ -88,44 +107,39 @@ class SigLIP2Backbone(OpenClipBackbone):
         return x.transpose(1, 2).reshape(batch, -1, *grid)
 
 
-def _siglip2_backbone(
-    model: nn.Module, tokenizer: Tokenizer | None, fused_attention: bool = True
-) -> SigLIP2Backbone:
-    return SigLIP2Backbone(
-        model,
-        mean=SIGLIP_MEAN,
-        std=SIGLIP_STD,
-        tokenizer=tokenizer,
-        tokenizer_name=SIGLIP2_MODEL,
-        fused_attention=fused_attention,
-    )
-
-
-@register_backbone(
-    "siglip2",
-    default_pretrained="webli",
-    description="SigLIP2 ViT-B/16-512 (open_clip), MAP-head value path, window 512",
-)
 def siglip2(
-    pretrained: str | None, tokenizer: Tokenizer | None = None, fused_attention: bool = True
+    config: BackboneConfig,
+    pretrained: str | None,
+    tokenizer: Tokenizer | None = None,
+    fused_attention: bool = True,
 ) -> SigLIP2Backbone:
     """The tokenizer, when not given, is SigLIP2's Gemma tokenizer (needs ``transformers`` and a
     hub download on first use)."""
-    model = create_open_clip_model(SIGLIP2_MODEL, pretrained)
-    return _siglip2_backbone(model, tokenizer, fused_attention)
+    model = create_open_clip_model(config.architecture, pretrained)
+    return SigLIP2Backbone(
+        model,
+        config,
+        tokenizer=tokenizer,
+        tokenizer_name=config.architecture,
+        fused_attention=fused_attention,
+    )
 
 
 def build_tiny_siglip2(width: int, depth: int, image_size: int) -> nn.Module:
     """A ``CustomTextCLIP`` laid out like ViT-B-16-SigLIP2-512 with a tiny trunk and text tower.
 
-    open_clip builds timm trunks by name only, so the base-size trunk it creates is swapped for
-    the same timm architecture at tiny width and depth.
+    open_clip builds a timm trunk from its registered name only, with timm's default size, so
+    the model is built around :data:`PLACEHOLDER_TRUNK` and gets the SigLIP2 trunk at tiny
+    width and depth in its place (building the base-size trunk instead takes seconds).
     """
     heads = max(1, width // 32)
     model = open_clip.CustomTextCLIP(
         embed_dim=width,
         vision_cfg=dict(
-            timm_model_name=SIGLIP2_TIMM_TRUNK, timm_pool="map", timm_proj="none", image_size=512
+            timm_model_name=PLACEHOLDER_TRUNK,
+            timm_pool="map",
+            timm_proj="none",
+            image_size=image_size,
         ),
         text_cfg=dict(
             context_length=64,
@@ -150,27 +164,30 @@ def build_tiny_siglip2(width: int, depth: int, image_size: int) -> nn.Module:
         global_pool="map",
         img_size=image_size,
     )
-    model.visual.image_size = (image_size, image_size)
     return model
 
 
-@register_backbone(
-    "siglip2-tiny",
-    default_pretrained=None,
-    description="tiny random SigLIP2-layout model on the siglip2 code path, for tests",
-)
 def siglip2_tiny(
+    config: BackboneConfig,
     pretrained: str | None,
     tokenizer: Tokenizer | None = None,
     width: int = 64,
     depth: int = 4,
-    image_size: int = 128,
     seed: int = 0,
     fused_attention: bool = True,
 ) -> SigLIP2Backbone:
-    """Random weights drawn from ``seed``; the CLIP tokenizer (offline) unless one is given."""
-    build = seeded(build_tiny_siglip2, seed, width, depth, image_size)
-    if tokenizer is None:
-        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=64)
+    """Random weights drawn from ``seed``; the CLIP tokenizer at the model's 64 tokens (offline)
+    unless one is given."""
+    build = seeded(build_tiny_siglip2, seed, width, depth, config.native_size)
     model = create_open_clip_model(None, pretrained, build=build)
-    return _siglip2_backbone(model, tokenizer, fused_attention)
+    return SigLIP2Backbone(
+        model,
+        config,
+        tokenizer=tokenizer,
+        tokenizer_name="ViT-B-16",
+        fused_attention=fused_attention,
+    )
+
+
+register_backbone("siglip2", siglip2, SIGLIP2)
+register_backbone("siglip2-tiny", siglip2_tiny, SIGLIP2_TINY)

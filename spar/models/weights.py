@@ -3,17 +3,18 @@ that name what does not fit."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-HF_HUB_PREFIX = "hf-hub:"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-HUB_WEIGHT_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class WeightLoadingError(ValueError):
@@ -164,15 +165,45 @@ def read_weight_file(path: str | Path) -> Any:
     ``weights_only=True`` and only the STAND_INS besides torch's own globals; a file naming
     anything else is refused with a :class:`WeightLoadingError` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadingError(f"weight file not found: {path}")
+    path = _existing(path)
     if path.suffix != ".safetensors":
         return _read_torch_file(path)
     try:
         return load_file(str(path))
     except Exception as error:  # noqa: BLE001 - re-raised with the file name
         raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+
+
+def read_safetensors_with_metadata(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a ``.safetensors`` file."""
+    with _safetensors(path) as file:
+        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a ``.safetensors`` file; no tensor is read."""
+    with _safetensors(path) as file:
+        return file.metadata() or {}
+
+
+@contextlib.contextmanager
+def _safetensors(path: str | Path) -> Iterator[Any]:
+    """An open ``safe_open`` handle; any failure to read becomes a WeightLoadingError."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            yield file
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadingError(f"weight file not found: {path}")
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -229,17 +260,3 @@ def load_state_dict_strict(
             f"weights from {source} do not fit the model; " + "; ".join(problems)
         )
     module.load_state_dict(state, strict=not partial)
-
-
-def download_from_hub(hub_id: str) -> str:
-    """Fetch an open_clip weight file from ``hf-hub:org/repo`` and return its local path."""
-    from open_clip.pretrained import download_pretrained_from_hf
-
-    repo = hub_id[len(HF_HUB_PREFIX) :] if hub_id.startswith(HF_HUB_PREFIX) else hub_id
-    errors = []
-    for filename in HUB_WEIGHT_FILENAMES:
-        try:
-            return download_pretrained_from_hf(repo, filename=filename)
-        except Exception as error:  # noqa: BLE001 - try the next file name, report all at the end
-            errors.append(f"{filename}: {error}")
-    raise WeightLoadingError(f"cannot download weights from {hub_id}: " + "; ".join(errors))
