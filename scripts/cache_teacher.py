@@ -3,11 +3,14 @@
 Interrupted runs resume (finished entries are kept); under torchrun each rank fills a shard.
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spar.distill import fill_cache, fill_heldout_cache, prepare
+from spar.config import reject_renamed_overrides
+from spar.distill import RENAMED_TRAINING_SETTINGS, fill_cache, fill_heldout_cache, prepare
 from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
 
@@ -22,13 +25,14 @@ def main(cfg: DictConfig) -> None:
         stats["heldout_unreadable"] = fill_heldout_cache(setup)
     if setup.context.is_main:
         out_dir = HydraConfig.get().runtime.output_dir
-        stats["cache_dir"] = str(setup.cache.root)
+        stats["cache_dir"] = str(setup.targets.cache.root)
         atomic_write_json(f"{out_dir}/cache_summary.json", stats)
         print(
-            f"teacher cache {setup.cache.root}: {stats['computed']} computed, "
+            f"teacher cache {setup.targets.cache.root}: {stats['computed']} computed, "
             f"{stats['reused']} reused, {stats['skipped']} unreadable image view(s)"
         )
 
 
 if __name__ == "__main__":
+    reject_renamed_overrides(sys.argv[1:], RENAMED_TRAINING_SETTINGS, "scripts/cache_teacher.py")
     main()

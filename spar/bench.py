@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .distill import OptimSettings, StudentOptimizer, teacher_map
 from .io import atomic_save_image
 from .models import SlidingWindowTeacher
 from .utils import autocast_for
@@ -188,43 +188,38 @@ def bench_training_step(
     warmup: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Images/s of a distillation step (forward, MSE, backward, AdamW) with cached targets at
-    each batch size (same-size views, as size buckets give), and with the online teacher."""
+    """Images/s of the distillation step that training runs (``StudentOptimizer.train_step``:
+    forward, MSE, backward, AdamW) with cached targets at each batch size (same-size views, as
+    size buckets give), and with the online teacher (``teacher_map`` first)."""
     student = copy.deepcopy(backbone).train()
     student.set_trainable_blocks("last-2")
     teacher = SlidingWindowTeacher(backbone, stride=stride)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-9)
     autocast = autocast_for(precision, device)
-
-    def step(images, targets):
-        with autocast():
-            loss = F.mse_loss(student(images).float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with torch.no_grad(), autocast():
-        target = teacher(_images(1, size, device)).float()
+    # A tiny learning rate keeps the student near its start over the timed steps; the constant
+    # schedule makes the number of steps irrelevant.
+    update = StudentOptimizer(
+        student, OptimSettings(lr=1e-9), device=device, total_steps=1, precision=precision
+    )
+    one = _images(1, size, device)
+    target = teacher_map(teacher, one[0], autocast)[None]
 
     def cached_rate(batch: int) -> float:
         images = _images(batch, size, device)
         targets = target.expand(batch, -1, -1, -1).contiguous()
-        return batch / time_call(lambda: step(images, targets), device, warmup, repeats)["median_s"]
+        timing = time_call(lambda: update.train_step(images, targets), device, warmup, repeats)
+        return batch / timing["median_s"]
 
     cached = rates_until_out_of_memory(batch_sizes, cached_rate)
-    one = _images(1, size, device)
 
     def online_step():
-        with torch.no_grad(), autocast():
-            online_target = teacher(one).float()
-        step(one, online_target)
+        update.train_step(one, teacher_map(teacher, one[0], autocast)[None])
 
     online = time_call(online_step, device, 1, max(2, repeats // 2))
     return {
         "cached_images_per_second": {str(b): rate for b, rate in cached.items()},
         "cached_speedup_over_batch1": max(cached.values()) / cached[1] if cached else None,
         "online_images_per_second": 1 / online["median_s"],
-        "peak_memory_bytes": peak_memory(lambda: step(one, target), device),
+        "peak_memory_bytes": peak_memory(lambda: update.train_step(one, target), device),
     }
 
 

@@ -10,6 +10,10 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+Autocast = Callable[[], contextlib.AbstractContextManager]
+"""A factory of autocast contexts, as :func:`autocast_for` returns (``contextlib.nullcontext``:
+full float32)."""
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` -> the first CUDA device if there is one, else CPU; otherwise ``torch.device``."""
@@ -45,10 +49,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def autocast_for(
-    precision: str, device: torch.device
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts for ``precision`` on ``device`` (no-op for float32)."""
+def autocast_for(precision: str, device: torch.device) -> Autocast:
+    """A factory of autocast contexts for ``precision`` on ``device`` (no-op for float32).
+
+    Training (student and teacher), held-out checks, the teacher cache, evaluation and the
+    benchmark all build their autocast here.
+    """
     dtype = autocast_dtype(precision, device)
     if dtype is None:
         return contextlib.nullcontext

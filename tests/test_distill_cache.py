@@ -1,5 +1,5 @@
 """Teacher cache: round trip, keys that change with everything the maps depend on, bad entries,
-resumable filling; the training views that feed it."""
+resumable filling through the targets' owner; the training views that feed it."""
 
 import copy
 import warnings
@@ -13,8 +13,8 @@ from spar.distill import (
     AugmentationRecipe,
     DistillationViews,
     TeacherFeatureCache,
+    TeacherTargets,
     entry_key,
-    fill_teacher_cache,
     split_images,
     teacher_identity,
     weights_digest,
@@ -46,17 +46,13 @@ def teacher(tiny_backbone):
     return SlidingWindowTeacher(tiny_backbone, window=64, stride=24, batch_size=8)
 
 
-def make_views(paths, root, teacher, cache, **kwargs):
-    return DistillationViews(
-        paths,
-        root,
-        SMALL,
-        teacher.mean,
-        teacher.std,
-        cache=cache,
-        teacher_identity=teacher_identity(teacher, "tiny") if cache is not None else None,
-        **kwargs,
-    )
+def make_views(paths, root, targets, **kwargs):
+    """Views of ``paths`` keyed by ``targets`` (a TeacherTargets, or None: unkeyed)."""
+    return DistillationViews(paths, root, SMALL, (0.5,) * 3, (0.25,) * 3, targets=targets, **kwargs)
+
+
+def cached_targets(teacher, root, cache):
+    return TeacherTargets(teacher, root, cache=cache, name="tiny")
 
 
 def test_round_trip_is_float16_and_close(tmp_path):
@@ -142,7 +138,8 @@ def test_wrong_shape_is_recomputed_not_trusted(tmp_path):
 def test_views_are_keyed_fixed_across_epochs_and_skip_corrupt_images(tmp_path, teacher):
     paths = write_images(tmp_path / "imgs", count=3, corrupt=(1,))
     cache = TeacherFeatureCache(tmp_path / "cache")
-    views = make_views(paths, tmp_path / "imgs", teacher, cache, draws_per_image=2)
+    targets = cached_targets(teacher, tmp_path / "imgs", cache)
+    views = make_views(paths, tmp_path / "imgs", targets, draws_per_image=2)
     assert len(views) == 6
     first = views[0]
     assert first["skipped"] is None and first["target"] is None
@@ -158,7 +155,7 @@ def test_views_are_keyed_fixed_across_epochs_and_skip_corrupt_images(tmp_path, t
 
 def test_online_views_change_every_epoch(tmp_path, teacher):
     paths = write_images(tmp_path / "imgs", count=1, size=(200, 300))
-    views = make_views(paths, tmp_path / "imgs", teacher, None, fixed_views=False)
+    views = make_views(paths, tmp_path / "imgs", None, fixed_views=False)
     plans = set()
     for epoch in range(6):
         views.set_epoch(epoch)
@@ -166,33 +163,31 @@ def test_online_views_change_every_epoch(tmp_path, teacher):
     assert len(plans) > 1 and views[0]["key"] is None
 
 
-def test_fill_is_resumable_and_loaded_targets_match_the_teacher(tmp_path, teacher):
+def test_fill_is_resumable_and_loaded_targets_match_the_teacher(tmp_path, teacher, monkeypatch):
     paths = write_images(tmp_path / "imgs", count=4, corrupt=(3,))
     cache = TeacherFeatureCache(tmp_path / "cache")
-    views = make_views(paths, tmp_path / "imgs", teacher, cache)
+    targets = cached_targets(teacher, tmp_path / "imgs", cache)
+    views = make_views(paths, tmp_path / "imgs", targets)
+    forward, calls = SlidingWindowTeacher.forward, []
 
-    class Interrupting(torch.nn.Module):
-        """Stands in for the teacher and fails on its second image (a killed job)."""
+    def interrupted_forward(self, images):
+        """Fails on the second image (a killed job)."""
+        calls.append(images)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(self, images)
 
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, images):
-            self.calls += 1
-            if self.calls == 2:
-                raise KeyboardInterrupt
-            return teacher(images)
-
-    with pytest.raises(KeyboardInterrupt):
-        fill_teacher_cache(Interrupting(), views, cache, DistributedContext(), show_progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(SlidingWindowTeacher, "forward", interrupted_forward)
+        with pytest.raises(KeyboardInterrupt):
+            targets.fill(views, DistributedContext(), show_progress=False)
     assert len(list(cache.root.rglob("*.safetensors"))) == 1
     assert not list(cache.root.rglob("*.tmp*"))
 
-    stats = fill_teacher_cache(teacher, views, cache, DistributedContext(), show_progress=False)
+    stats = targets.fill(views, DistributedContext(), show_progress=False)
     assert (stats["computed"], stats["reused"], stats["skipped"]) == (2, 1, 1)
     assert stats["skipped_files"] == [str(paths[3])]
-    again = fill_teacher_cache(teacher, views, cache, DistributedContext(), show_progress=False)
+    again = targets.fill(views, DistributedContext(), show_progress=False)
     assert (again["computed"], again["reused"]) == (0, 3)
 
     item = views[0]
@@ -200,19 +195,50 @@ def test_fill_is_resumable_and_loaded_targets_match_the_teacher(tmp_path, teache
         expected = teacher(item["image"][None])[0]
     assert item["target"].shape == expected.shape
     torch.testing.assert_close(item["target"].float(), expected, atol=5e-3, rtol=5e-3)
+    assert views.without_targets()[0]["target"] is None and views[0]["target"] is not None
+
+
+def test_fill_refuses_views_keyed_by_other_targets_or_no_cache(tmp_path, teacher):
+    paths = write_images(tmp_path / "imgs", count=1)
+    cache = TeacherFeatureCache(tmp_path / "cache")
+    targets = cached_targets(teacher, tmp_path / "imgs", cache)
+    other = make_views(paths, tmp_path / "imgs", cached_targets(teacher, tmp_path / "imgs", cache))
+    with pytest.raises(ValueError, match="keyed by these targets"):
+        targets.fill(other, DistributedContext(), show_progress=False)
+    online = TeacherTargets(teacher, tmp_path / "imgs")
+    with pytest.raises(ValueError, match="no cache"):
+        online.fill(make_views(paths, tmp_path / "imgs", online), DistributedContext())
+
+
+def test_get_or_compute_reads_stored_maps_and_stores_missing_ones(tmp_path, teacher):
+    image_path = write_images(tmp_path / "imgs", count=1)[0]
+    targets = cached_targets(teacher, tmp_path / "imgs", TeacherFeatureCache(tmp_path / "cache"))
+    key = targets.key_for(image_path, {"resize_to_fit": [128, 96]})
+    assert key == targets.key_for(image_path, {"resize_to_fit": [128, 96]})
+    parts = key.description
+    assert key.name == entry_key(targets.identity, parts["image"], parts["view"])
+    assert parts["image"]["path"] == image_path.name  # relative to the data root
+    image = torch.randn(3, 96, 128)
+    assert targets.load(key, (96, 128)) is None
+    computed = targets.get_or_compute(image, key, "a test image")
+    assert computed.dtype == torch.float32 and computed.shape == targets.shape_for((96, 128))
+    stored = targets.get_or_compute(torch.zeros_like(image), key, "a test image")
+    assert stored.dtype == torch.float16  # read back: the teacher did not run on the zeros
+    torch.testing.assert_close(stored.float(), computed, atol=5e-3, rtol=5e-3)
 
 
 def test_fill_shards_over_ranks(tmp_path, teacher, monkeypatch):
     paths = write_images(tmp_path / "imgs", count=5)
     cache = TeacherFeatureCache(tmp_path / "cache")
-    views = make_views(paths, tmp_path / "imgs", teacher, cache)
+    targets = cached_targets(teacher, tmp_path / "imgs", cache)
+    views = make_views(paths, tmp_path / "imgs", targets)
     # Two ranks run one after the other here, so the collectives are left out.
     monkeypatch.setattr(DistributedContext, "all_reduce_sum", lambda self, values: values)
     monkeypatch.setattr(DistributedContext, "barrier", lambda self: None)
     computed = []
     for rank in range(2):
         context = DistributedContext(rank=rank, world_size=2)
-        stats = fill_teacher_cache(teacher, views, cache, context, show_progress=False)
+        stats = targets.fill(views, context, show_progress=False)
         computed.append(stats["computed"])
     assert computed == [3, 2]
     assert len(list(cache.root.rglob("*.safetensors"))) == 5

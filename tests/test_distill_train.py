@@ -3,26 +3,37 @@ trajectory, checkpoints load through create_backbone, bad input is handled; conf
 
 import json
 import math
+import subprocess
+import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, write_scene_images
+from helpers import CONFIGS, ROOT, write_scene_images
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from safetensors import safe_open
 
+from spar.config import RenamedSettingError
 from spar.distill import (
+    AugmentationRecipe,
+    DistillationViews,
     OptimSettings,
+    SizeBucketBatchSampler,
+    StudentOptimizer,
     TeacherFeatureCache,
     TrainerSettings,
     bucket_batches,
     epoch_order,
+    learning_rate_factor,
+    prepare,
+    resolve_resume_paths,
     run_distillation,
 )
-from spar.distill.trainer import Distiller, learning_rate_factor, resolve_resume_paths
+from spar.distill.buckets import image_size
 from spar.distributed import register_run_id_resolver
 from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
 from spar.models.checkpoint import read_checkpoint, save_checkpoint
@@ -87,7 +98,10 @@ def test_demo_preset_distils_and_heldout_error_drops(tmp_path):
     ):
         assert written[key] is not None, key
     assert written["steps"] == 4 * 32 and written["images_seen"] == 4 * 32
-    assert written["skipped_images"] == 0 and written["teacher_mode"] == "cached"
+    assert written["skipped_images"] == 0
+    # the default teacher is the cached one: 4 images x 8 fixed views filled first
+    assert written["cache"] == {"computed": 32, "reused": 0, "skipped": 0}
+    assert written == json.loads(json.dumps(summary))  # one writer, with every field
     assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
 
 
@@ -119,9 +133,14 @@ def test_checkpoint_of_another_backbone_names_both(tmp_path):
         create_backbone("tiny", checkpoint=tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["cached", "online"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
-    common = ["trainer.epochs=3", "optim.lr=1e-3", "optim.schedule=cosine", f"teacher.mode={mode}"]
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache):
+    common = [
+        "trainer.epochs=3",
+        "optim.lr=1e-3",
+        "optim.schedule=cosine",
+        f"teacher.cache={cache}",
+    ]
     common += ["trainer.accumulate=2", "optim.warmup_steps=2"]
     images = write_scene_images(tmp_path / "images", count=5)
     full, _ = small_run(tmp_path, "full", *common, images=images)
@@ -145,10 +164,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     images = write_scene_images(tmp_path / "images", count=5)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    for mode in ("cached", "online"):
+    for cache in ("true", "false"):
         with pytest.warns(UserWarning, match="broken.jpg"):
             summary, _ = small_run(
-                tmp_path, mode, "trainer.epochs=1", f"teacher.mode={mode}", images=images
+                tmp_path,
+                f"cache-{cache}",
+                "trainer.epochs=1",
+                f"teacher.cache={cache}",
+                images=images,
             )
         assert summary["skipped_images"] == 1
         assert summary["skipped_files"][0].endswith("broken.jpg")
@@ -169,26 +192,85 @@ def test_resume_without_a_checkpoint_is_named(tmp_path):
 
 
 def test_configs_compose_with_the_documented_overrides(tmp_path):
-    cfg = train_config(
-        tmp_path,
-        "backbone=siglip2",
-        "data=sa1b",
-        "data.root=/data/sa1b",
-        "trainer.epochs=5",
-        "train.unfreeze=all",
-    )
+    cfg = train_config(tmp_path, "backbone=siglip2", "data=sa1b", "data.root=/data/sa1b")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["backbone"]["name"] == "siglip2" and resolved["train"]["unfreeze"] == "all"
+    assert resolved["backbone"]["name"] == "siglip2"
+    assert resolved["backbone"]["trainable_blocks"] == "last-2"  # the paper's blocks
+    assert "train" not in resolved and "mode" not in resolved["teacher"]
     assert resolved["data"]["augment"]["bounds"] == [2048, 1024]
     assert resolved["data"]["max_images"] == 25000
-    assert resolved["optim"]["lr"] == 2e-5 and resolved["trainer"]["epochs"] == 5
-    assert resolved["teacher"]["stride"] == 24 and resolved["teacher"]["mode"] == "cached"
+    assert resolved["optim"]["lr"] == 2e-5 and resolved["trainer"]["epochs"] == 10
+    # the teacher group's settings, then the training-only cache keys
+    assert resolved["teacher"] == {
+        "window": None,
+        "stride": 24,
+        "batch_size": 32,
+        "cache": True,
+        "cache_dir": f"{tmp_path / 'cache'}",
+    }
+    written = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    assert written["teacher"]["cache_dir"] == "outputs/teacher_cache/${backbone.name}"
     extended = train_config(tmp_path, "data=sa1b_extended", "data.root=/x")
     assert list(extended.data.augment.bounds) == [2560, 1280]
     assert list(extended.data.augment.scale_range) == [0.2, 1.0]
     assert extended.data.augment.min_crop == 512
     with pytest.raises(MissingMandatoryValue, match="root"):
         OmegaConf.to_container(train_config(tmp_path, "data=sa1b"), throw_on_missing=True)
+
+
+def test_train_yaml_repeats_the_settings_defaults_exactly():
+    """``OptimSettings``/``TrainerSettings`` hold the defaults; train.yaml spells them out."""
+    written = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    optim = asdict(OptimSettings())
+    optim["betas"] = list(optim["betas"])
+    assert written["optim"] == optim
+    assert written["trainer"] == asdict(TrainerSettings())
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "expected"),
+    [
+        (
+            "train.py",
+            "teacher.mode=online",
+            "teacher.mode is now teacher.cache (teacher.mode=cached: "
+            "teacher.cache=true, teacher.mode=online: teacher.cache=false)",
+        ),
+        (
+            "cache_teacher.py",
+            "train.unfreeze=all",
+            "train.unfreeze is now backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
+        ),
+    ],
+)
+def test_renamed_overrides_name_their_new_spelling(tmp_path, script, override, expected):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), override, f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and expected in result.stderr
+    assert not list(tmp_path.iterdir())  # refused before Hydra made the run directory
+
+
+def test_renamed_settings_in_a_config_dict_name_their_new_spelling(tmp_path):
+    config = OmegaConf.to_container(train_config(tmp_path), resolve=True)
+    config["teacher"]["mode"] = "online"
+    with pytest.raises(
+        RenamedSettingError, match=r"prepare: .*teacher\.mode is now teacher\.cache"
+    ):
+        prepare(config)
+    config["teacher"].pop("mode")
+    config["train"] = {"unfreeze": "all"}
+    with pytest.raises(
+        RenamedSettingError, match=r"train\.unfreeze is now backbone\.trainable_blocks"
+    ):
+        prepare(config)
+    config.pop("train")
+    config["teacher"]["cache"] = "online"
+    with pytest.raises(ValueError, match="teacher.cache must be true or false, got 'online'"):
+        prepare(config)
 
 
 def test_epoch_order_is_a_padded_partition_over_ranks():
@@ -290,6 +372,24 @@ def test_size_buckets_hold_one_size_and_cover_every_view():
     assert {i for shard in shards for batch in shard for i in batch} == set(range(8))
 
 
+def test_the_batch_sampler_deals_the_bucketed_batches_from_a_position(tmp_path):
+    images = write_scene_images(tmp_path / "images", count=3, size=(120, 160))
+    recipe = AugmentationRecipe(
+        bounds=(160, 128), min_crop=64, min_short_side=64, crop_prob=0, size_multiple=64
+    )
+    paths = sorted(images.iterdir())
+    views = DistillationViews(paths, images, recipe, (0,) * 3, (1,) * 3, draws_per_image=4)
+    sampler = SizeBucketBatchSampler(views, batch_size=3, seed=7)
+    sources = [image_size(path) for path in paths]
+    for epoch in range(2):
+        sizes = [views.view_size(i, sources, epoch) for i in range(len(views))]
+        expected = bucket_batches(sizes, 3, seed=7, epoch=epoch)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == expected and len(sampler) == len(expected)
+        sampler.set_epoch(epoch, start=2)
+        assert list(sampler) == expected[2:] and len(sampler) == len(expected) - 2
+
+
 def test_bucketed_batches_train_and_resume_exactly(tmp_path):
     common = [
         "trainer.batch_size=4",
@@ -356,7 +456,7 @@ def test_a_non_finite_teacher_map_stops_training_naming_image_and_step(tmp_path,
         NonFiniteError, match=r"teacher map of \S+scene_0\d\.jpg \(view \d+\) at step 2"
     ):
         small_run(
-            tmp_path, "run", "teacher.mode=online", "trainer.checkpoint_every=1", "trainer.epochs=1"
+            tmp_path, "run", "teacher.cache=false", "trainer.checkpoint_every=1", "trainer.epochs=1"
         )
     assert_checkpoint_finite_at_step(tmp_path / "run", 2)
 
@@ -375,13 +475,13 @@ def test_a_non_finite_teacher_map_stops_the_cache_fill_keeping_finished_entries(
 
 
 def test_a_non_finite_loss_stops_training_before_the_optimizer_step(tmp_path, monkeypatch):
-    original = Distiller._loss
+    original = StudentOptimizer.loss
 
-    def loss(self, batch):
-        value, used = original(self, batch)
-        return (value * math.nan if self.state.step == 2 else value), used
+    def loss(self, images, targets):
+        value = original(self, images, targets)
+        return value * math.nan if self.scheduler.last_epoch == 2 else value  # optimizer step 2
 
-    monkeypatch.setattr(Distiller, "_loss", loss)
+    monkeypatch.setattr(StudentOptimizer, "loss", loss)
     with pytest.raises(NonFiniteError, match=r"the loss at step 2 \(images: \S+scene_0\d\.jpg"):
         small_run(tmp_path, "run", "trainer.checkpoint_every=1", "trainer.epochs=1")
     assert_checkpoint_finite_at_step(tmp_path / "run", 2)

@@ -1,11 +1,14 @@
 """Distillation of the sliding-window teacher into the single-pass student."""
 
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
-from .buckets import bucket_batches, epoch_order
+from .buckets import SizeBucketBatchSampler, bucket_batches, epoch_order
 from .cache import TeacherFeatureCache, entry_key, teacher_identity, weights_digest
+from .checkpointing import resolve_resume_paths, resume_training, save_training_checkpoint
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, agreement, build_heldout_sets
+from .optimization import StudentOptimizer, learning_rate_factor
 from .run import (
+    RENAMED_TRAINING_SETTINGS,
     DistillationSetup,
     fill_cache,
     fill_heldout_cache,
@@ -13,10 +16,13 @@ from .run import (
     prepare,
     run_distillation,
 )
-from .targets import fill_teacher_cache, teacher_map
-from .trainer import Distiller, OptimSettings, TrainerSettings
+from .run_log import RunLog
+from .settings import OptimSettings, TrainerSettings
+from .targets import TargetKey, TeacherTargets, teacher_map
+from .trainer import Distiller
 
 __all__ = [
+    "RENAMED_TRAINING_SETTINGS",
     "AugmentationPlan",
     "AugmentationRecipe",
     "DistillationSetup",
@@ -25,7 +31,12 @@ __all__ = [
     "HeldoutSet",
     "ImageSplit",
     "OptimSettings",
+    "RunLog",
+    "SizeBucketBatchSampler",
+    "StudentOptimizer",
+    "TargetKey",
     "TeacherFeatureCache",
+    "TeacherTargets",
     "TrainerSettings",
     "agreement",
     "apply_plan",
@@ -34,13 +45,16 @@ __all__ = [
     "draw_plan",
     "entry_key",
     "epoch_order",
-    "heldout_sets",
     "fill_cache",
     "fill_heldout_cache",
-    "fill_teacher_cache",
+    "heldout_sets",
+    "learning_rate_factor",
     "plan_generator",
     "prepare",
+    "resolve_resume_paths",
+    "resume_training",
     "run_distillation",
+    "save_training_checkpoint",
     "split_images",
     "teacher_identity",
     "teacher_map",

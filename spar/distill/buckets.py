@@ -4,17 +4,23 @@ Views of one batch must have the same size to be stacked. Views are grouped by t
 output size, shuffled within each size, cut into batches of at most ``batch_size``, and the
 batches shuffled; with a coarser ``size_multiple`` in the augmentation recipe more views share a
 size. Under torchrun the batch list is padded to a multiple of the ranks and dealt out.
+:class:`SizeBucketBatchSampler` hands these batches to a ``DataLoader`` one epoch at a time.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
+from torch.utils.data import Sampler
+
+if TYPE_CHECKING:
+    from .data import DistillationViews
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
@@ -67,3 +73,56 @@ def bucket_batches(
     padded = math.ceil(len(batches) / world_size) * world_size
     batches += batches[: padded - len(batches)]
     return batches[rank::world_size]
+
+
+class SizeBucketBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches of view indices for one epoch, a ``DataLoader`` batch sampler.
+
+    The batches of an epoch are :func:`bucket_batches` of the views' planned sizes (read from
+    the image headers once, and only when ``batch_size`` > 1). ``set_epoch(epoch, start)``
+    selects the epoch and skips its first ``start`` batches, which a resumed run has already
+    taken.
+    """
+
+    def __init__(
+        self,
+        views: DistillationViews,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.views = views
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+        self._source_sizes: list[tuple[int, int] | None] | None = None
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch`` for this rank (the last epoch asked for is remembered)."""
+        if self._epoch_batches is not None and self._epoch_batches[0] == epoch:
+            return self._epoch_batches[1]
+        sizes: list[tuple[int, int] | None] = [None] * len(self.views)
+        if self.batch_size > 1:
+            if self._source_sizes is None:
+                self._source_sizes = [image_size(path) for path in self.views.paths]
+            sizes = [
+                self.views.view_size(index, self._source_sizes, epoch)
+                for index in range(len(self.views))
+            ]
+        batches = bucket_batches(
+            sizes, self.batch_size, self.seed, epoch, self.rank, self.world_size
+        )
+        self._epoch_batches = (epoch, batches)
+        return batches
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch)[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.start

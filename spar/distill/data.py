@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
 
 from ..data.images import load_image, resize_to_fit, to_model_input
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
-from .cache import TeacherFeatureCache, entry_key, image_identity
+
+if TYPE_CHECKING:
+    from .targets import TeacherTargets
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
     """A micro-batch of same-size views (size buckets) -> one dict.
 
     Returns ``images`` ((n, 3, H, W), or ``None`` when every image was unreadable), ``items``
-    (the n usable views, with their ``target``/``key``/``description``) and ``skipped``
+    (the n usable views, with their ``key`` and ``target``) and ``skipped``
     ((path, reason) of the unreadable ones).
     """
     usable = [item for item in items if item["skipped"] is None]
@@ -64,18 +67,25 @@ def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class DistillationViews(Dataset):
-    """Augmented views of training images, normalised for the backbone, with cached targets.
+    """Augmented views of training images, normalised for the backbone, keyed for the teacher.
 
     Item ``i`` is view ``i % draws_per_image`` of image ``i // draws_per_image``. With
-    ``fixed_views`` (the cached-teacher mode) its augmentation is drawn once from
+    ``fixed_views`` (the cached teacher) its augmentation is drawn once from
     ``(augment_seed, image, draw)`` and is the same in every epoch, so its teacher map can be
     cached; otherwise it is drawn from ``(augment_seed, epoch, i)`` afresh each epoch
     (``set_epoch``).
 
     Each item is a dict: ``index``, ``path``, ``image`` ((3, H, W) normalised float32),
-    ``plan`` (:class:`AugmentationPlan`), ``key`` and ``description`` (the cache key and its
-    JSON, ``None`` without a teacher identity), ``target`` ((C, h, w) float16 from the cache or
-    ``None``) and ``skipped`` (``None``, or why the image could not be used; then no image).
+    ``plan`` (:class:`AugmentationPlan`), ``key`` (:class:`~spar.distill.targets.TargetKey`,
+    ``None`` without ``targets``), ``target`` ((C, h, w) float16 read through ``targets`` in the
+    loading process, or ``None``: not read, missing or bad) and ``skipped`` (``None``, or why
+    the image could not be used; then no image).
+
+    Args:
+        targets: the owner of the teacher maps, which keys the views; ``None``: unkeyed views,
+            e.g. for the online teacher.
+        read_targets: read each keyed view's stored map through ``targets`` while loading (in
+            the data-loading workers); :meth:`without_targets` gives the views without it.
     """
 
     def __init__(
@@ -89,14 +99,11 @@ class DistillationViews(Dataset):
         augment_seed: int = 0,
         draws_per_image: int = 1,
         fixed_views: bool = True,
-        cache: TeacherFeatureCache | None = None,
-        teacher_identity: dict[str, Any] | None = None,
-        load_targets: bool = True,
+        targets: TeacherTargets | None = None,
+        read_targets: bool = True,
     ) -> None:
         if draws_per_image < 1:
             raise ValueError(f"draws_per_image must be >= 1, got {draws_per_image}")
-        if cache is not None and teacher_identity is None:
-            raise ValueError("a teacher cache needs the teacher identity to key its entries")
         self.paths = list(paths)
         self.root = Path(root)
         self.recipe = recipe
@@ -104,9 +111,8 @@ class DistillationViews(Dataset):
         self.augment_seed = augment_seed
         self.draws_per_image = draws_per_image
         self.fixed_views = fixed_views
-        self.cache = cache
-        self.teacher_identity = teacher_identity
-        self.load_targets = load_targets
+        self.targets = targets
+        self.read_targets = read_targets
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -114,6 +120,12 @@ class DistillationViews(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def without_targets(self) -> DistillationViews:
+        """The same views, keyed but without reading stored maps (to fill the cache)."""
+        views = copy.copy(self)
+        views.read_targets = False
+        return views
 
     def plan_for(
         self, index: int, source_size: tuple[int, int], epoch: int | None = None
@@ -136,11 +148,6 @@ class DistillationViews(Dataset):
         source = source_sizes[index // self.draws_per_image]
         return None if source is None else self.plan_for(index, source, epoch).output
 
-    def target_shape(self, plan: AugmentationPlan) -> tuple[int, int, int]:
-        patch = self.teacher_identity["patch_size"]
-        rows, cols = (-(-side // patch) for side in plan.output)
-        return (self.teacher_identity["embed_dim"], rows, cols)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index // self.draws_per_image]
         item: dict[str, Any] = {"index": index, "path": str(path), "skipped": None}
@@ -152,18 +159,11 @@ class DistillationViews(Dataset):
         plan = self.plan_for(index, tuple(pixels.shape[-2:]))
         item["plan"] = plan
         item["image"] = to_model_input(apply_plan(pixels, plan), self.mean, self.std)[0]
-        item["key"] = item["description"] = item["target"] = None
-        if self.teacher_identity is not None:
-            view = {"augmentation": plan.to_dict()}
-            description = {
-                "teacher": self.teacher_identity,
-                "image": image_identity(path, self.root),
-                "view": view,
-            }
-            item["description"] = description
-            item["key"] = entry_key(description["teacher"], description["image"], view)
-            if self.cache is not None and self.load_targets:
-                item["target"] = self.cache.load(item["key"], self.target_shape(plan))
+        item["key"] = item["target"] = None
+        if self.targets is not None:
+            item["key"] = self.targets.key_for(path, {"augmentation": plan.to_dict()})
+            if self.read_targets:
+                item["target"] = self.targets.load(item["key"], plan.output)
         return item
 
 

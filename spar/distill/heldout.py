@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import patch_grid
-from .cache import TeacherFeatureCache, entry_key, image_identity
+from ..utils import Autocast
 from .data import heldout_view
-from .targets import Autocast, no_autocast, teacher_map
+from .targets import TeacherTargets
 
 
 @dataclass
@@ -34,49 +34,29 @@ class HeldoutSet:
 
 
 def build_heldout_sets(
-    paths: Sequence[Path],
-    sizes: Sequence[Sequence[int]],
-    teacher: nn.Module,
-    device: torch.device,
-    *,
-    autocast: Autocast = no_autocast,
-    cache: TeacherFeatureCache | None = None,
-    teacher_identity: dict | None = None,
-    root: str | Path | None = None,
+    paths: Sequence[Path], sizes: Sequence[Sequence[int]], targets: TeacherTargets
 ) -> tuple[list[HeldoutSet], list[str]]:
-    """Teacher maps of every held-out image at every size (from the cache when given).
+    """Teacher maps of every held-out image at every (long, short) size in ``sizes``, through
+    ``targets`` (from its cache when stored there, computed and stored otherwise).
 
     Returns the sets and the files that could not be decoded.
     """
     sets, unreadable = [], []
-    mean, std = teacher.mean, teacher.std
+    mean, std = targets.teacher.mean, targets.teacher.std
     for size in sizes:
         bounds = (int(max(size)), int(min(size)))
         heldout = HeldoutSet(f"{bounds[0]}x{bounds[1]}", bounds, [], [])
         for path in paths:
             try:
-                view = heldout_view(path, bounds, mean, std)
+                view = heldout_view(path, bounds, mean, std)[0]
             except (ValueError, OSError):
                 if str(path) not in unreadable:
                     unreadable.append(str(path))
                 continue
-            target = None
-            if cache is not None:
-                teacher_part = teacher_identity
-                image_part = image_identity(path, root or Path(path).parent)
-                view_part = {"resize_to_fit": list(bounds)}
-                key = entry_key(teacher_part, image_part, view_part)
-                shape = (teacher.embed_dim, *patch_grid(*view.shape[-2:], teacher.patch_size))
-                target = cache.load(key, shape)
-            if target is None:
-                source = f"held-out image {path} at {heldout.name}"
-                target = teacher_map(teacher, view[0].to(device), autocast, source)
-                target = target.half().cpu()
-                if cache is not None:
-                    description = {"teacher": teacher_part, "image": image_part, "view": view_part}
-                    cache.save(key, target, description)
+            key = targets.key_for(path, {"resize_to_fit": list(bounds)})
+            source = f"held-out image {path} at {heldout.name}"
             heldout.paths.append(Path(path))
-            heldout.targets.append(target)
+            heldout.targets.append(targets.get_or_compute(view, key, source).half().cpu())
         sets.append(heldout)
     return sets, unreadable
 
@@ -86,7 +66,7 @@ def agreement(
     student: nn.Module,
     heldout: HeldoutSet,
     device: torch.device,
-    autocast: Autocast = no_autocast,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Mean over images of the student-teacher MSE and of the per-cell cosine similarity."""
     was_training = student.training

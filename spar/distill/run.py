@@ -1,8 +1,9 @@
 """From a resolved config to a training run: what ``scripts/train.py`` and
 ``scripts/cache_teacher.py`` call, usable from a notebook with a plain dict as well.
 
-The config layout is that of ``configs/train.yaml``: ``backbone``, ``train.unfreeze``,
-``teacher``, ``data``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``.
+The config layout is that of ``configs/train.yaml``: ``backbone``, ``teacher`` (the
+``configs/teacher`` group's window, stride and batch size, plus ``cache`` and ``cache_dir``),
+``data``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
+from ..config import check_renamed
 from ..data.images import list_images
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
-from ..models import SlidingWindowTeacher, create_backbone
+from ..models import build_teacher, create_backbone
 from ..utils import autocast_for
 from .augment import AugmentationRecipe
-from .cache import TeacherFeatureCache, teacher_identity
+from .cache import TeacherFeatureCache
 from .data import DistillationViews, ImageSplit, split_images
-from .heldout import build_heldout_sets
-from .targets import fill_teacher_cache
-from .trainer import Distiller, OptimSettings, TrainerSettings
+from .heldout import HeldoutSet, build_heldout_sets
+from .settings import OptimSettings, TrainerSettings
+from .targets import TeacherTargets
+from .trainer import Distiller
 
-TEACHER_MODES = ("cached", "online")
+#: Renamed training settings -> their new spelling (``spar.config.check_renamed``); the scripts
+#: check their overrides against it before Hydra runs, :func:`prepare` checks its config.
+RENAMED_TRAINING_SETTINGS = {
+    "teacher.mode": "teacher.cache (teacher.mode=cached: teacher.cache=true, "
+    "teacher.mode=online: teacher.cache=false)",
+    "train.unfreeze": "backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
+}
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -49,12 +58,10 @@ class DistillationSetup:
     config: dict[str, Any]
     context: DistributedContext
     student: nn.Module
-    teacher: SlidingWindowTeacher
-    identity: dict[str, Any]
+    targets: TeacherTargets
     split: ImageSplit
     root: Path
     views: DistillationViews
-    cache: TeacherFeatureCache | None
 
 
 def image_root(data: dict[str, Any]) -> Path:
@@ -67,27 +74,19 @@ def image_root(data: dict[str, Any]) -> Path:
 
 
 def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -> DistillationSetup:
-    """Build student, frozen teacher, split, views and cache from a ``train.yaml`` config."""
+    """Build student, frozen teacher and its targets, split and views from a ``train.yaml``
+    config. Old spellings of settings are refused here, before any long work."""
     config = _plain(cfg)
-    context = context or init_distributed(config.get("device", "auto"))
+    check_renamed(config, RENAMED_TRAINING_SETTINGS, "prepare")
     teacher_cfg, data = config["teacher"], config["data"]
-    if teacher_cfg["mode"] not in TEACHER_MODES:
-        raise ValueError(
-            f"teacher.mode must be one of {TEACHER_MODES}, got {teacher_cfg['mode']!r}"
-        )
+    cached = teacher_cfg.get("cache", True)
+    if not isinstance(cached, bool):
+        raise ValueError(f"teacher.cache must be true or false, got {cached!r}")
+    context = context or init_distributed(config.get("device", "auto"))
 
-    backbone_cfg = dict(config["backbone"])
-    backbone_cfg["trainable_blocks"] = config["train"]["unfreeze"]
-    student = create_backbone(**backbone_cfg)
+    student = create_backbone(**config["backbone"])
     frozen = copy.deepcopy(student).requires_grad_(False).eval()
-    teacher = SlidingWindowTeacher(
-        frozen,
-        window=teacher_cfg.get("window"),
-        stride=teacher_cfg["stride"],
-        batch_size=teacher_cfg["batch_size"],
-    )
-    identity = teacher_identity(teacher, name=backbone_cfg["name"])
-    teacher.to(context.device)
+    teacher = build_teacher(frozen, teacher_cfg).to(context.device)
 
     root = image_root(data)
     heldout_cfg = config["heldout"]
@@ -97,8 +96,13 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
     else:
         split = split_images(list_images(root), heldout_cfg["num_images"], data.get("max_images"))
 
-    cached = teacher_cfg["mode"] == "cached"
-    cache = TeacherFeatureCache(teacher_cfg["cache_dir"]) if cached else None
+    targets = TeacherTargets(
+        teacher,
+        root,
+        cache=TeacherFeatureCache(teacher_cfg["cache_dir"]) if cached else None,
+        autocast=autocast_for(config["trainer"]["precision"], context.device),
+        name=config["backbone"]["name"],
+    )
     views = DistillationViews(
         split.train,
         root,
@@ -108,82 +112,65 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
         augment_seed=data.get("augment_seed", 0),
         draws_per_image=data.get("draws_per_image", 1),
         fixed_views=cached,
-        cache=cache,
-        teacher_identity=identity if cached else None,
+        targets=targets if cached else None,
     )
-    return DistillationSetup(config, context, student, teacher, identity, split, root, views, cache)
+    return DistillationSetup(config, context, student, targets, split, root, views)
 
 
-def _teacher_autocast(setup: DistillationSetup):
-    return autocast_for(setup.config["trainer"]["precision"], setup.context.device)
+def _require_cache(setup: DistillationSetup) -> None:
+    if setup.targets.cache is None:
+        raise ValueError("teacher.cache is false (online teacher): there is no cache to fill")
 
 
 def fill_cache(setup: DistillationSetup) -> dict[str, Any]:
     """Fill the teacher cache for the training views of ``setup`` (sharded over ranks)."""
-    if setup.cache is None:
-        raise ValueError("teacher.mode is 'online': there is no cache to fill")
-    return fill_teacher_cache(
-        setup.teacher,
+    _require_cache(setup)
+    return setup.targets.fill(
         setup.views,
-        setup.cache,
         setup.context,
-        autocast=_teacher_autocast(setup),
         num_workers=setup.config["trainer"]["num_workers"],
         show_progress=setup.config["trainer"].get("show_progress", True),
     )
 
 
-def heldout_sets(setup: DistillationSetup) -> tuple[list, list[str]]:
-    """Held-out sets with teacher maps (rank 0 only; from/to the cache in cached mode)."""
+def heldout_sets(setup: DistillationSetup) -> tuple[list[HeldoutSet], list[str]]:
+    """Held-out sets with teacher maps (rank 0 only; from/to the cache when there is one)."""
     config = setup.config
     if not setup.context.is_main or config["heldout"]["num_images"] <= 0:
         return [], []
-    return build_heldout_sets(
-        setup.split.heldout,
-        config["heldout"]["sizes"],
-        setup.teacher,
-        setup.context.device,
-        autocast=_teacher_autocast(setup),
-        cache=setup.cache,
-        teacher_identity=setup.identity,
-        root=setup.root,
-    )
+    return build_heldout_sets(setup.split.heldout, config["heldout"]["sizes"], setup.targets)
 
 
 def fill_heldout_cache(setup: DistillationSetup) -> list[str]:
     """Cache the held-out teacher maps too; returns the unreadable held-out files."""
-    if setup.cache is None:
-        raise ValueError("teacher.mode is 'online': there is no cache to fill")
+    _require_cache(setup)
     _, unreadable = heldout_sets(setup)
     setup.context.barrier()
     return unreadable
 
 
 def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
-    """Fill the cache (cached mode), train, evaluate held-out agreement; returns the summary.
-
-    The summary is also written to ``out_dir/train_summary.json`` by rank 0.
-    """
+    """Fill the cache (cached teacher), train, evaluate held-out agreement; returns the summary,
+    which rank 0 writes to ``out_dir/train_summary.json`` (its only writer)."""
     setup = prepare(cfg)
     config, context = setup.config, setup.context
-    cache_stats = fill_cache(setup) if setup.cache is not None else None
+    cached = setup.targets.cache is not None
+    cache_stats = fill_cache(setup) if cached else None
     heldout, unreadable = heldout_sets(setup)
     context.barrier()
     distiller = Distiller(
         setup.student,
-        setup.teacher,
+        setup.targets,
         setup.views,
         heldout,
         out_dir,
         OptimSettings(**config["optim"]),
         TrainerSettings(**config["trainer"]),
         context=context,
-        cache=setup.cache,
         run_info=config,
         skipped_files=(cache_stats or {}).get("skipped_files", []),
     )
     summary = distiller.fit(resume=config.get("resume"))
-    summary["teacher_mode"] = config["teacher"]["mode"]
     summary["train_images"] = len(setup.split.train)
     summary["train_views"] = len(setup.views)
     summary["heldout_images"] = len(setup.split.heldout)

@@ -1,10 +1,17 @@
-"""Teacher maps for training views: computed in the step (online) or filled into the cache."""
+"""Teacher maps of training and held-out views: the one owner of their keys, cache and computation.
+
+:class:`TeacherTargets` keys every view (teacher identity, image file, view description), reads
+and writes the :class:`~spar.distill.cache.TeacherFeatureCache` (when there is one), runs the
+teacher on a miss and fills the cache for a whole dataset of views. The training views, the
+trainer and the held-out sets all go through it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,22 +19,19 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..distributed import DistributedContext
-from ..utils import check_finite, pass_through
-from .cache import TeacherFeatureCache
-from .data import DistillationViews
+from ..models.base import patch_grid
+from ..utils import Autocast, check_finite, module_device, pass_through
+from .cache import TeacherFeatureCache, entry_key, image_identity, teacher_identity
 
-Autocast = Callable[[], contextlib.AbstractContextManager]
-
-
-def no_autocast() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
+if TYPE_CHECKING:
+    from .data import DistillationViews
 
 
 @torch.no_grad()
 def teacher_map(
     teacher: nn.Module,
     image: torch.Tensor,
-    autocast: Autocast = no_autocast,
+    autocast: Autocast = contextlib.nullcontext,
     source: str = "an image",
 ) -> torch.Tensor:
     """(3, H, W) normalised view on the teacher's device -> (C, h, w) float32 stitched map.
@@ -41,35 +45,115 @@ def teacher_map(
     return check_finite(stitched, f"the teacher map of {source}")
 
 
-def fill_teacher_cache(
-    teacher: nn.Module,
-    views: DistillationViews,
-    cache: TeacherFeatureCache,
-    context: DistributedContext,
-    autocast: Autocast = no_autocast,
-    num_workers: int = 0,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Compute every missing or bad cache entry of ``views``; rank r takes views r, r+W, ...
+@dataclass(frozen=True)
+class TargetKey:
+    """The cache entry of one view: ``name`` (SHA-256 hex) and the JSON ``description`` it hashes
+    (``teacher``, ``image`` and ``view`` parts), stored with the entry."""
 
-    Entries already present and well-formed (header check) are kept, so an interrupted run
-    resumes where it stopped. Returns counts summed over ranks: ``computed``, ``reused``,
-    ``skipped`` (images that could not be decoded) and the skipped files of this rank.
+    name: str
+    description: dict[str, Any]
+
+
+class TeacherTargets:
+    """Teacher maps of views: keyed, read from the cache, computed on a miss and written back.
+
+    Args:
+        teacher: the frozen sliding-window teacher, on the device it runs on.
+        root: the data root; image files are keyed by their path relative to it.
+        cache: where maps are stored (``None``: computed every time, nothing stored).
+        autocast: autocast factory for the teacher (``spar.utils.autocast_for``).
+        name: human-readable backbone name stored in the keys (information only).
+
+    Pickled (into data-loading worker processes, with the views it keys) it keeps its keys and
+    cache reads only: the teacher and the autocast factory stay behind.
     """
-    if views.cache is not cache:
-        raise ValueError("the views must be keyed for this cache (DistillationViews(cache=...))")
-    shard = list(range(context.rank, len(views), context.world_size))
-    previous = views.load_targets
-    views.load_targets = False
-    counts = {"computed": 0, "reused": 0, "skipped": 0}
-    skipped_files = []
-    loader = DataLoader(
-        Subset(views, shard),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=pass_through,
-    )
-    try:
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        root: str | Path,
+        *,
+        cache: TeacherFeatureCache | None = None,
+        autocast: Autocast = contextlib.nullcontext,
+        name: str | None = None,
+    ) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.root = Path(root)
+        self.cache = cache
+        self.autocast = autocast
+        self.identity = teacher_identity(teacher, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Data-loading workers only key views and read entries: the teacher (possibly on a GPU)
+        # and the autocast factory (a closure) stay in the main process.
+        return {**self.__dict__, "teacher": None, "autocast": None}
+
+    def key_for(self, image_path: str | Path, view: dict[str, Any]) -> TargetKey:
+        """The key of ``view`` (e.g. ``{"augmentation": plan}``) of the file ``image_path``."""
+        description = {
+            "teacher": self.identity,
+            "image": image_identity(image_path, self.root),
+            "view": view,
+        }
+        return TargetKey(entry_key(self.identity, description["image"], view), description)
+
+    def shape_for(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the map of a view of (H, W) pixels."""
+        return (self.identity["embed_dim"], *patch_grid(*size, self.identity["patch_size"]))
+
+    def load(self, key: TargetKey, size: tuple[int, int]) -> torch.Tensor | None:
+        """The stored (C, h, w) float16 map of a view of (H, W) ``size``, on the CPU; ``None``
+        without a cache, or when the entry is missing or bad (bad ones are reported)."""
+        if self.cache is None:
+            return None
+        return self.cache.load(key.name, self.shape_for(size))
+
+    def compute(self, image: torch.Tensor, key: TargetKey | None, source: str) -> torch.Tensor:
+        """Run the teacher on a (3, H, W) view and store the map under ``key`` (if a cache and a
+        key are given). Returns the (C, h, w) float32 map on the teacher's device.
+
+        Raises:
+            NonFiniteError: the map holds NaN or inf (naming ``source``); nothing is stored.
+        """
+        image = image.to(module_device(self.teacher), non_blocking=True)
+        target = teacher_map(self.teacher, image, self.autocast, source)
+        if self.cache is not None and key is not None:
+            self.cache.save(key.name, target, key.description)
+        return target
+
+    def get_or_compute(self, image: torch.Tensor, key: TargetKey, source: str) -> torch.Tensor:
+        """The (C, h, w) map of a (3, H, W) view: the stored one (float16, CPU) if present and
+        sound, else computed and stored (float32, teacher's device)."""
+        target = self.load(key, tuple(image.shape[-2:]))
+        return target if target is not None else self.compute(image, key, source)
+
+    def fill(
+        self,
+        views: DistillationViews,
+        context: DistributedContext,
+        *,
+        num_workers: int = 0,
+        show_progress: bool = True,
+    ) -> dict[str, Any]:
+        """Compute every missing or bad cache entry of ``views``; rank r takes views r, r+W, ...
+
+        Entries already present and well-formed (header check) are kept, so an interrupted run
+        resumes where it stopped. Returns counts summed over ranks: ``computed``, ``reused``,
+        ``skipped`` (images that could not be decoded) and the skipped files of this rank.
+        """
+        if self.cache is None:
+            raise ValueError("these teacher targets have no cache to fill")
+        if views.targets is not self:
+            raise ValueError(
+                "the views must be keyed by these targets (DistillationViews(targets=))"
+            )
+        shard = list(range(context.rank, len(views), context.world_size))
+        loader = DataLoader(
+            Subset(views.without_targets(), shard),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=pass_through,
+        )
         progress = tqdm(
             loader,
             total=len(shard),
@@ -77,25 +161,22 @@ def fill_teacher_cache(
             unit="view",
             disable=not (show_progress and context.is_main),
         )
+        counts = {"computed": 0, "reused": 0, "skipped": 0}
+        skipped_files = []
         for item in progress:
             if item["skipped"] is not None:
                 counts["skipped"] += 1
                 skipped_files.append(item["path"])
-                continue
-            if cache.has(item["key"], views.target_shape(item["plan"])):
+            elif self.cache.has(item["key"].name, self.shape_for(item["plan"].output)):
                 counts["reused"] += 1
-                continue
-            image = item["image"].to(context.device, non_blocking=True)
-            target = teacher_map(teacher, image, autocast, source=item["path"])
-            cache.save(item["key"], target, item["description"])
-            counts["computed"] += 1
-    finally:
-        views.load_targets = previous
-    totals = context.all_reduce_sum([counts["computed"], counts["reused"], counts["skipped"]])
-    context.barrier()
-    return {
-        "computed": int(totals[0]),
-        "reused": int(totals[1]),
-        "skipped": int(totals[2]),
-        "skipped_files": skipped_files,
-    }
+            else:
+                self.compute(item["image"], item["key"], source=item["path"])
+                counts["computed"] += 1
+        totals = context.all_reduce_sum([counts["computed"], counts["reused"], counts["skipped"]])
+        context.barrier()
+        return {
+            "computed": int(totals[0]),
+            "reused": int(totals[1]),
+            "skipped": int(totals[2]),
+            "skipped_files": skipped_files,
+        }

@@ -40,11 +40,12 @@ def assert_finite_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_training_run(run: Path, device_name: str, precision: str, mode: str) -> dict:
+def check_training_run(run: Path, device_name: str, precision: str, cache: bool) -> dict:
     """A finished training run in ``run``: summary, finite agreement numbers, checkpoints that
     load through ``create_backbone``. Returns the summary."""
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["run"]["device"] == device_name and summary["teacher_mode"] == mode
+    assert summary["run"]["device"] == device_name and summary["run"]["teacher"]["cache"] is cache
+    assert ("cache" in summary) is cache
     assert summary["precision"] == PRECISION_NAMES[precision]
     assert summary["world_size"] == 1 and summary["epochs_completed"] == 1
     assert summary["steps"] == summary["train_views"] == 2 and summary["skipped_images"] == 0
@@ -64,20 +65,20 @@ def check_training_run(run: Path, device_name: str, precision: str, mode: str) -
     return summary
 
 
-@pytest.mark.parametrize("mode", ["cached", "online"])
-def test_train_script(tmp_path, small_training, device_name, precision, mode):
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "online"])
+def test_train_script(tmp_path, small_training, device_name, precision, cache):
     run = tmp_path / "run"
     result = run_script(
         "train.py",
         *small_training,
-        f"teacher.mode={mode}",
+        f"teacher.cache={str(cache).lower()}",
         f"trainer.precision={precision}",
         f"hydra.run.dir={run}",
         cwd=tmp_path,
     )
     assert "held-out 160x128" in result.stdout and "held-out 256x192" in result.stdout
-    summary = check_training_run(run, device_name, precision, mode)
-    if mode == "cached":
+    summary = check_training_run(run, device_name, precision, cache)
+    if cache:
         assert summary["cache"] == {"computed": 2, "reused": 0, "skipped": 0}
 
 
@@ -94,7 +95,7 @@ def test_train_script_under_torchrun(tmp_path, small_training, device_name, prec
         cwd=tmp_path,
     )
     assert result.stdout.count("held-out 160x128") == 1
-    check_training_run(run, device_name, precision, "cached")
+    check_training_run(run, device_name, precision, cache=True)
 
 
 def test_cache_teacher_script_then_training_reuses_it(
