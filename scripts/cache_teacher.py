@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.config import reject_renamed_overrides
-from spar.distill import RENAMED_TRAINING_SETTINGS, fill_cache, fill_heldout_cache, prepare
+from spar.distill import fill_cache, fill_heldout_cache, prepare
 from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
 
@@ -34,5 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], RENAMED_TRAINING_SETTINGS, "scripts/cache_teacher.py")
+    reject_renamed_overrides(sys.argv[1:], "cache_teacher")
     main()

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spar.config import RENAMED_SETTINGS, reject_renamed_overrides
+from spar.config import reject_renamed_overrides
 from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
 from spar.evaluation import format_results_table, run_evaluation
 
@@ -29,5 +29,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], RENAMED_SETTINGS["eval"], "scripts/eval.py")
+    reject_renamed_overrides(sys.argv[1:], "eval")
     main()

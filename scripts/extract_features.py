@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from spar.config import RENAMED_SETTINGS, reject_renamed_overrides
+from spar.config import reject_renamed_overrides
 from spar.data import list_images
 from spar.distributed import register_run_id_resolver
 from spar.features import extract_features
@@ -53,7 +53,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_overrides(
-        sys.argv[1:], RENAMED_SETTINGS["extract_features"], "scripts/extract_features.py"
-    )
+    reject_renamed_overrides(sys.argv[1:], "extract_features")
     main()

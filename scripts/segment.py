@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from spar.config import RENAMED_SETTINGS, reject_renamed_overrides
+from spar.config import reject_renamed_overrides
 from spar.distributed import register_run_id_resolver
 from spar.io import atomic_save_image
 from spar.models import build_teacher, create_backbone
@@ -54,5 +54,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], RENAMED_SETTINGS["segment"], "scripts/segment.py")
+    reject_renamed_overrides(sys.argv[1:], "segment")
     main()

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from spar.config import reject_renamed_overrides
-from spar.distill import RENAMED_TRAINING_SETTINGS, run_distillation
+from spar.distill import run_distillation
 from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
 
 register_run_id_resolver()
@@ -36,5 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], RENAMED_TRAINING_SETTINGS, "scripts/train.py")
+    reject_renamed_overrides(sys.argv[1:], "train")
     main()

@@ -18,7 +18,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MODE_TO_FEATURES = "features (mode=single: features=student, mode=slide: features=teacher)"
 _SLIDE_TO_TEACHER = "teacher (e.g. teacher.stride=48; configs/teacher/sliding_window.yaml)"
 #: Per entry point (configs/<name>.yaml): renamed setting or override -> its new spelling.
+_TRAINING = {
+    "teacher.mode": "teacher.cache (teacher.mode=cached: teacher.cache=true, "
+    "teacher.mode=online: teacher.cache=false)",
+    "train.unfreeze": "backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
+    "data": "train_images (data=sa1b: train_images=sa1b, data.root=...: train_images.root=...)",
+}
 RENAMED_SETTINGS: dict[str, dict[str, str]] = {
+    "train": _TRAINING,
+    "cache_teacher": _TRAINING,
     "eval": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
     "extract_features": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
     "segment": {
@@ -74,12 +82,11 @@ def check_renamed(
         raise RenamedSettingError(f"{where}: renamed settings: {lines}")
 
 
-def reject_renamed_overrides(
-    overrides: Sequence[str], renamed: Mapping[str, str], where: str
-) -> None:
-    """For scripts: exit with the message of :func:`check_renamed` (no traceback) on old keys."""
+def reject_renamed_overrides(overrides: Sequence[str], script: str) -> None:
+    """For ``scripts/<script>.py``: exit with the message of :func:`check_renamed` (no
+    traceback) when its command-line ``overrides`` use a renamed setting."""
     try:
-        check_renamed(overrides, renamed, where)
+        check_renamed(overrides, RENAMED_SETTINGS.get(script, {}), f"scripts/{script}.py")
     except RenamedSettingError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -59,11 +59,11 @@ def small_run(tmp_path, name, *overrides, images=None):
     images = images or write_scene_images(tmp_path / "images", count=5)
     cfg = train_config(
         tmp_path,
-        f"data.root={images}",
-        "data.augment.bounds=[160,128]",
-        "data.augment.min_crop=64",
-        "data.augment.min_short_side=64",
-        "data.draws_per_image=2",
+        f"train_images.root={images}",
+        "train_images.augment.bounds=[160,128]",
+        "train_images.augment.min_crop=64",
+        "train_images.augment.min_short_side=64",
+        "train_images.draws_per_image=2",
         "heldout.num_images=1",
         "heldout.sizes=[[160,128],[256,192]]",
         "teacher.window=96",
@@ -180,10 +180,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 def test_missing_or_empty_data_root_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        run_distillation(train_config(tmp_path, f"data.root={tmp_path / 'nowhere'}"), tmp_path)
+        run_distillation(
+            train_config(tmp_path, f"train_images.root={tmp_path / 'nowhere'}"), tmp_path
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        run_distillation(train_config(tmp_path, f"data.root={tmp_path / 'empty'}"), tmp_path)
+        run_distillation(
+            train_config(tmp_path, f"train_images.root={tmp_path / 'empty'}"), tmp_path
+        )
 
 
 def test_resume_without_a_checkpoint_is_named(tmp_path):
@@ -192,13 +196,15 @@ def test_resume_without_a_checkpoint_is_named(tmp_path):
 
 
 def test_configs_compose_with_the_documented_overrides(tmp_path):
-    cfg = train_config(tmp_path, "backbone=siglip2", "data=sa1b", "data.root=/data/sa1b")
+    cfg = train_config(
+        tmp_path, "backbone=siglip2", "train_images=sa1b", "train_images.root=/data/sa1b"
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["backbone"]["name"] == "siglip2"
     assert resolved["backbone"]["trainable_blocks"] == "last-2"  # the paper's blocks
     assert "train" not in resolved and "mode" not in resolved["teacher"]
-    assert resolved["data"]["augment"]["bounds"] == [2048, 1024]
-    assert resolved["data"]["max_images"] == 25000
+    assert resolved["train_images"]["augment"]["bounds"] == [2048, 1024]
+    assert resolved["train_images"]["max_images"] == 25000
     assert resolved["optim"]["lr"] == 2e-5 and resolved["trainer"]["epochs"] == 10
     # the teacher group's settings, then the training-only cache keys
     assert resolved["teacher"] == {
@@ -210,12 +216,12 @@ def test_configs_compose_with_the_documented_overrides(tmp_path):
     }
     written = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
     assert written["teacher"]["cache_dir"] == "outputs/teacher_cache/${backbone.name}"
-    extended = train_config(tmp_path, "data=sa1b_extended", "data.root=/x")
-    assert list(extended.data.augment.bounds) == [2560, 1280]
-    assert list(extended.data.augment.scale_range) == [0.2, 1.0]
-    assert extended.data.augment.min_crop == 512
+    extended = train_config(tmp_path, "train_images=sa1b_extended", "train_images.root=/x")
+    assert list(extended.train_images.augment.bounds) == [2560, 1280]
+    assert list(extended.train_images.augment.scale_range) == [0.2, 1.0]
+    assert extended.train_images.augment.min_crop == 512
     with pytest.raises(MissingMandatoryValue, match="root"):
-        OmegaConf.to_container(train_config(tmp_path, "data=sa1b"), throw_on_missing=True)
+        OmegaConf.to_container(train_config(tmp_path, "train_images=sa1b"), throw_on_missing=True)
 
 
 def test_train_yaml_repeats_the_settings_defaults_exactly():
@@ -240,6 +246,12 @@ def test_train_yaml_repeats_the_settings_defaults_exactly():
             "cache_teacher.py",
             "train.unfreeze=all",
             "train.unfreeze is now backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
+        ),
+        (
+            "train.py",
+            "data.root=/data/sa1b",
+            "data is now train_images (data=sa1b: train_images=sa1b, data.root=...: "
+            "train_images.root=...)",
         ),
     ],
 )
@@ -268,6 +280,10 @@ def test_renamed_settings_in_a_config_dict_name_their_new_spelling(tmp_path):
     ):
         prepare(config)
     config.pop("train")
+    config["data"] = config["train_images"]
+    with pytest.raises(RenamedSettingError, match=r"data is now train_images"):
+        prepare(config)
+    config.pop("data")
     config["teacher"]["cache"] = "online"
     with pytest.raises(ValueError, match="teacher.cache must be true or false, got 'online'"):
         prepare(config)
@@ -393,9 +409,9 @@ def test_the_batch_sampler_deals_the_bucketed_batches_from_a_position(tmp_path):
 def test_bucketed_batches_train_and_resume_exactly(tmp_path):
     common = [
         "trainer.batch_size=4",
-        "data.augment.size_multiple=64",
-        "data.augment.crop_prob=0",
-        "data.draws_per_image=4",
+        "train_images.augment.size_multiple=64",
+        "train_images.augment.crop_prob=0",
+        "train_images.draws_per_image=4",
         "trainer.epochs=2",
         "optim.lr=1e-3",
     ]
@@ -416,8 +432,8 @@ def test_bucketed_batches_train_and_resume_exactly(tmp_path):
 
 
 def test_a_missing_required_setting_is_named_with_its_full_key(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.root is required"):
-        run_distillation(train_config(tmp_path, "data=sa1b"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"train_images\.root is required"):
+        run_distillation(train_config(tmp_path, "train_images=sa1b"), tmp_path / "run")
 
 
 def test_distributed_job_passes_errors_through_without_a_process_group():

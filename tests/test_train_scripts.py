@@ -6,10 +6,10 @@ import pytest
 from helpers import run_script, write_scene_images
 
 SMALL = [
-    "data.augment.bounds=[160,128]",
-    "data.augment.min_crop=64",
-    "data.augment.min_short_side=64",
-    "data.draws_per_image=1",
+    "train_images.augment.bounds=[160,128]",
+    "train_images.augment.min_crop=64",
+    "train_images.augment.min_short_side=64",
+    "train_images.draws_per_image=1",
     "heldout.num_images=1",
     "heldout.sizes=[[160,128],[256,192]]",
     "teacher.window=96",
@@ -20,7 +20,7 @@ SMALL = [
 
 def test_cache_script_then_training_reuses_every_entry(tmp_path):
     images = write_scene_images(tmp_path / "images", count=4)
-    common = [f"data.root={images}", f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL]
+    common = [f"train_images.root={images}", f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL]
     filled = run_script(
         "cache_teacher.py", *common, f"hydra.run.dir={tmp_path / 'fill'}", cwd=tmp_path
     )
@@ -41,7 +41,7 @@ def test_two_process_gloo_run_trains_and_saves_once(tmp_path, cache):
     images = write_scene_images(tmp_path / "images", count=5)
     result = run_script(
         "train.py",
-        f"data.root={images}",
+        f"train_images.root={images}",
         f"teacher.cache_dir={tmp_path / 'cache'}",
         f"teacher.cache={str(cache).lower()}",
         "trainer.epochs=2",

@@ -8,7 +8,6 @@ from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, agreement, build_heldout_sets
 from .optimization import StudentOptimizer, learning_rate_factor
 from .run import (
-    RENAMED_TRAINING_SETTINGS,
     DistillationSetup,
     fill_cache,
     fill_heldout_cache,
@@ -22,7 +21,6 @@ from .targets import TargetKey, TeacherTargets, teacher_map
 from .trainer import Distiller
 
 __all__ = [
-    "RENAMED_TRAINING_SETTINGS",
     "AugmentationPlan",
     "AugmentationRecipe",
     "DistillationSetup",

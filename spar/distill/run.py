@@ -3,7 +3,7 @@
 
 The config layout is that of ``configs/train.yaml``: ``backbone``, ``teacher`` (the
 ``configs/teacher`` group's window, stride and batch size, plus ``cache`` and ``cache_dir``),
-``data``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``.
+``train_images``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-from ..config import check_renamed
+from ..config import RENAMED_SETTINGS, check_renamed
 from ..data.images import list_images
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
@@ -30,14 +30,6 @@ from .heldout import HeldoutSet, build_heldout_sets
 from .settings import OptimSettings, TrainerSettings
 from .targets import TeacherTargets
 from .trainer import Distiller
-
-#: Renamed training settings -> their new spelling (``spar.config.check_renamed``); the scripts
-#: check their overrides against it before Hydra runs, :func:`prepare` checks its config.
-RENAMED_TRAINING_SETTINGS = {
-    "teacher.mode": "teacher.cache (teacher.mode=cached: teacher.cache=true, "
-    "teacher.mode=online: teacher.cache=false)",
-    "train.unfreeze": "backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
-}
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -65,7 +57,7 @@ class DistillationSetup:
 
 
 def image_root(data: dict[str, Any]) -> Path:
-    """``data.root``, or the bundled sample images when it is ``None``."""
+    """``train_images.root``, or the bundled sample images when it is ``None``."""
     if data.get("root") is None:
         from ..demo import SAMPLE_IMAGES
 
@@ -77,8 +69,8 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
     """Build student, frozen teacher and its targets, split and views from a ``train.yaml``
     config. Old spellings of settings are refused here, before any long work."""
     config = _plain(cfg)
-    check_renamed(config, RENAMED_TRAINING_SETTINGS, "prepare")
-    teacher_cfg, data = config["teacher"], config["data"]
+    check_renamed(config, RENAMED_SETTINGS["train"], "prepare")
+    teacher_cfg, data = config["teacher"], config["train_images"]
     cached = teacher_cfg.get("cache", True)
     if not isinstance(cached, bool):
         raise ValueError(f"teacher.cache must be true or false, got {cached!r}")

@@ -28,10 +28,10 @@ TIER = Path(__file__).resolve().parent
 
 # Small training settings shared by every training-like script (about 2 steps per run).
 TRAIN_SMALL = (
-    "data.augment.bounds=[160,128]",
-    "data.augment.min_crop=64",
-    "data.augment.min_short_side=64",
-    "data.draws_per_image=1",
+    "train_images.augment.bounds=[160,128]",
+    "train_images.augment.min_crop=64",
+    "train_images.augment.min_short_side=64",
+    "train_images.draws_per_image=1",
     "heldout.num_images=1",
     "heldout.sizes=[[160,128],[256,192]]",
     "teacher.window=96",
@@ -112,7 +112,7 @@ def scene_images(tmp_path_factory) -> Path:
 def train_overrides(images: Path, work: Path, device: str) -> list[str]:
     """``scripts/train.py`` overrides for a tiny run on ``images``, cache under ``work``."""
     return [
-        f"data.root={images}",
+        f"train_images.root={images}",
         f"teacher.cache_dir={work / 'cache'}",
         *TRAIN_SMALL,
         f"device={device}",
