@@ -29,6 +29,10 @@ RENAMED_SETTINGS: dict[str, dict[str, str]] = {
     "cache_teacher": _TRAINING,
     "eval": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
     "extract_features": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
+    "speed": {
+        "strides": "stride_sweep (the teacher strides timed)",
+        "window_batch": "teacher.batch_size",
+    },
     "segment": {
         "slide": _SLIDE_TO_TEACHER,
         "teacher=true": "show_teacher=true (teacher.* now holds the teacher's settings)",

@@ -1,7 +1,7 @@
 """The student's update: autocast forward, MSE against the teacher maps, backward, AdamW step.
 
 :class:`StudentOptimizer` is the training step of :class:`~spar.distill.trainer.Distiller`, and
-the one the speed benchmark (``spar.bench``) times.
+the one the speed benchmark (``spar.speed``) times.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every script as users run it, on the tier's device (``SPAR_TEST_DEVICE``, default ``cuda``):
 train (cached and online teacher, plain and under torchrun), cache_teacher, eval (student and
-teacher features), segment (with and without the teacher), extract_features, demo and bench.
+teacher features), segment (with and without the teacher), extract_features, demo and speed.
 Each test checks what the script wrote, not only its exit code."""
 
 import json
@@ -231,15 +231,15 @@ def test_demo_script(tmp_path, device_name, distilled_checkpoint):
         assert (tmp_path / "run" / f"{stem}_segmentation.png").stat().st_size > 0
 
 
-def test_bench_script(tmp_path, device_name, device):
+def test_speed_script(tmp_path, device_name, device):
     precisions = ["fp32", "bf16"]
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         precisions = ["fp32"]
     result = run_script(
-        "bench.py",
+        "speed.py",
         f"device={device_name}",
         "sizes=[[224,224],[224,448]]",
-        "strides=[224,112]",
+        "stride_sweep=[224,112]",
         f"precisions=[{','.join(precisions)}]",
         "batch_sizes=[1,2]",
         "train_batch_sizes=[1,2]",
@@ -248,7 +248,7 @@ def test_bench_script(tmp_path, device_name, device):
         f"hydra.run.dir={tmp_path}",
     )
     assert "measured matmul peak" in result.stdout
-    results = json.loads((tmp_path / "bench_results.json").read_text())
+    results = json.loads((tmp_path / "speed_results.json").read_text())
     assert results["device"]["device"].split(":")[0] == device.type
     assert list(results["precisions"]) == precisions
     for precision, section in results["precisions"].items():
@@ -268,4 +268,4 @@ def test_bench_script(tmp_path, device_name, device):
             accuracy = section["accuracy"]
             assert finite(accuracy["student_relative_error"])
             assert accuracy["student_relative_error"] < 0.1
-    assert (tmp_path / "bench_strides.png").stat().st_size > 1000
+    assert (tmp_path / "speed_strides.png").stat().st_size > 1000

@@ -1,8 +1,8 @@
 """Speed of the student, the teacher and a training step: medians of synchronised timings,
 FLOP counts, achieved TFLOP/s against the measured matmul peak, peak memory, bf16 accuracy.
 
-``scripts/bench.py`` (Hydra config ``configs/bench.yaml``) prints :func:`format_table` and writes
-``bench_results.json`` and ``bench_strides.png``.
+``scripts/speed.py`` (Hydra config ``configs/speed.yaml``) prints :func:`format_table` and writes
+``speed_results.json`` and ``speed_strides.png``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import renamed_arguments
 from .distill import OptimSettings, StudentOptimizer, teacher_map
 from .io import atomic_save_image
-from .models import SlidingWindowTeacher
-from .utils import autocast_for
+from .models import build_teacher
+from .utils import autocast_dtype, autocast_for
 
 GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
 CPU_SIZES = ((224, 224), (448, 448), (448, 896))
@@ -108,7 +109,7 @@ def rates_until_out_of_memory(
     return rates
 
 
-def bench_student(
+def time_student(
     backbone: nn.Module,
     size: Sequence[int],
     device: torch.device,
@@ -147,18 +148,19 @@ def bench_student(
     }
 
 
-def bench_teacher(
+def time_teacher(
     backbone: nn.Module,
     size: Sequence[int],
-    stride: int,
+    teacher_settings: Mapping[str, Any],
     device: torch.device,
     precision: str,
-    window_batch: int,
     warmup: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Sliding-window teacher time per image (window = native size) and its FLOPs."""
-    teacher = SlidingWindowTeacher(backbone, stride=stride, batch_size=window_batch)
+    """Sliding-window teacher time per image and its FLOPs (``teacher_settings`` as for
+    :func:`spar.models.build_teacher`)."""
+    teacher = build_teacher(backbone, teacher_settings)
+    stride = teacher.stride[0]
     autocast = autocast_for(precision, device)
     image = _images(1, size, device)
 
@@ -178,10 +180,10 @@ def bench_teacher(
     }
 
 
-def bench_training_step(
+def time_training_step(
     backbone: nn.Module,
     size: Sequence[int],
-    stride: int,
+    teacher_settings: Mapping[str, Any],
     device: torch.device,
     precision: str,
     batch_sizes: Sequence[int],
@@ -193,7 +195,7 @@ def bench_training_step(
     size buckets give), and with the online teacher (``teacher_map`` first)."""
     student = copy.deepcopy(backbone).train()
     student.set_trainable_blocks("last-2")
-    teacher = SlidingWindowTeacher(backbone, stride=stride)
+    teacher = build_teacher(backbone, teacher_settings)
     autocast = autocast_for(precision, device)
     # A tiny learning rate keeps the student near its start over the timed steps; the constant
     # schedule makes the number of steps irrelevant.
@@ -223,11 +225,15 @@ def bench_training_step(
     }
 
 
-def bench_accuracy(
-    backbone: nn.Module, size: Sequence[int], stride: int, device: torch.device, precision: str
+def low_precision_error(
+    backbone: nn.Module,
+    size: Sequence[int],
+    teacher_settings: Mapping[str, Any],
+    device: torch.device,
+    precision: str,
 ) -> dict[str, float]:
     """Relative error of student and teacher maps at ``precision`` against float32."""
-    teacher = SlidingWindowTeacher(backbone, stride=stride)
+    teacher = build_teacher(backbone, teacher_settings)
     image = _images(1, size, device)
     autocast = autocast_for(precision, device)
     with torch.no_grad():
@@ -251,30 +257,35 @@ def device_description(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_benchmark(
+@renamed_arguments(strides="stride_sweep", window_batch="teacher={'batch_size': ...}")
+def measure_speed(
     backbone: nn.Module,
     device: torch.device,
     *,
     sizes: Sequence[Sequence[int]] | None = None,
-    strides: Sequence[int] = (224, 112, 56, 24),
+    stride_sweep: Sequence[int] = (224, 112, 56, 24),
+    teacher: Mapping[str, Any] | None = None,
     precisions: Sequence[str] = ("fp32",),
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
     train_batch_sizes: Sequence[int] = (1, 2, 4, 8),
-    window_batch: int = 64,
     warmup: int = 2,
     repeats: int = 5,
     compile_student: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every measurement for one backbone on one device; see the module docstring."""
+    """Every measurement for one backbone on one device; see the module docstring.
+
+    ``teacher`` holds the teacher's settings (``configs/teacher``: window, stride, batch_size);
+    its stride is replaced by each of ``stride_sweep`` for the teacher table, and used as it is
+    (default 24) for the training step and the low-precision error.
+    """
+    teacher = {"stride": 24, **(teacher or {})}
     sizes = [tuple(s) for s in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))]
     backbone = backbone.to(device).eval()
     student = torch.compile(backbone) if compile_student else backbone
     results: dict[str, Any] = {"device": device_description(device), "precisions": {}}
     for precision in precisions:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            precision, torch.float32
-        )
+        dtype = autocast_dtype(precision, device) or torch.float32
         section: dict[str, Any] = {
             "matmul_peak_tflops": matmul_peak_tflops(device, dtype),
             "sizes": {},
@@ -282,16 +293,15 @@ def run_benchmark(
         for size in sizes:
             name = f"{size[0]}x{size[1]}"
             log(f"[{precision}] {name}: student")
-            student_row = bench_student(
+            student_row = time_student(
                 student, size, device, precision, batch_sizes, warmup, repeats
             )
             teacher_rows = []
-            for stride in strides:
+            for stride in stride_sweep:
                 log(f"[{precision}] {name}: teacher stride {stride}")
+                settings = {**teacher, "stride": stride}
                 teacher_rows.append(
-                    bench_teacher(
-                        backbone, size, stride, device, precision, window_batch, 1, repeats
-                    )
+                    time_teacher(backbone, size, settings, device, precision, 1, repeats)
                 )
             row = {"student": student_row, "teacher": teacher_rows}
             for entry in row["teacher"]:
@@ -302,12 +312,12 @@ def run_benchmark(
         log(f"[{precision}] training step at {middle[0]}x{middle[1]}")
         section["training"] = {
             "size": list(middle),
-            **bench_training_step(
-                backbone, middle, strides[-1], device, precision, train_batch_sizes, 1, repeats
+            **time_training_step(
+                backbone, middle, teacher, device, precision, train_batch_sizes, 1, repeats
             ),
         }
         if precision != "fp32":
-            section["accuracy"] = bench_accuracy(backbone, middle, strides[-1], device, precision)
+            section["accuracy"] = low_precision_error(backbone, middle, teacher, device, precision)
         results["precisions"][precision] = section
     return results
 
