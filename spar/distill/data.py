@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.images import load_image, resize_to_fit, to_model_input
+from ..data.images import load_image, to_model_input
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
 
 if TYPE_CHECKING:
@@ -165,10 +165,3 @@ class DistillationViews(Dataset):
             if self.read_targets:
                 item["target"] = self.targets.load(item["key"], plan.output)
         return item
-
-
-def heldout_view(
-    path: Path, bounds: Sequence[int], mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """A held-out image resized to fit ``bounds`` (long, short), normalised: (1, 3, H, W)."""
-    return to_model_input(resize_to_fit(load_image(path), bounds), mean, std)

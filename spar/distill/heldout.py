@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import prepare_image
 from ..utils import Autocast
-from .data import heldout_view
 from .targets import TeacherTargets
 
 
@@ -48,7 +48,7 @@ def build_heldout_sets(
         heldout = HeldoutSet(f"{bounds[0]}x{bounds[1]}", bounds, [], [])
         for path in paths:
             try:
-                view = heldout_view(path, bounds, mean, std)[0]
+                view = prepare_image(path, bounds, mean, std)[1][0]
             except (ValueError, OSError):
                 if str(path) not in unreadable:
                     unreadable.append(str(path))
@@ -73,7 +73,7 @@ def agreement(
     student.eval()
     mse, cosine = [], []
     for path, target in zip(heldout.paths, heldout.targets, strict=True):
-        view = heldout_view(path, heldout.bounds, student.mean, student.std).to(device)
+        _, view = prepare_image(path, heldout.bounds, student.mean, student.std, device)
         with autocast():
             prediction = student(view)[0].float()
         target = target.to(device).float()

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..distributed import DistributedContext
 from ..models.base import patch_grid
-from ..utils import Autocast, check_finite, module_device, pass_through
+from ..utils import Autocast, check_finite, module_device
 from .cache import TeacherFeatureCache, entry_key, image_identity, teacher_identity
 
 if TYPE_CHECKING:
@@ -147,20 +145,8 @@ class TeacherTargets:
             raise ValueError(
                 "the views must be keyed by these targets (DistillationViews(targets=))"
             )
-        shard = list(range(context.rank, len(views), context.world_size))
-        loader = DataLoader(
-            Subset(views.without_targets(), shard),
-            batch_size=None,
-            num_workers=num_workers,
-            collate_fn=pass_through,
-        )
-        progress = tqdm(
-            loader,
-            total=len(shard),
-            desc="teacher cache",
-            unit="view",
-            disable=not (show_progress and context.is_main),
-        )
+        loader = context.shard_loader(views.without_targets(), num_workers)
+        progress = context.progress(loader, show_progress, desc="teacher cache", unit="view")
         counts = {"computed": 0, "reused": 0, "skipped": 0}
         skipped_files = []
         for item in progress:

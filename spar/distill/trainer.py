@@ -270,12 +270,12 @@ class Distiller:
             persistent_workers=False,
         )
         self.student.train()
-        progress = tqdm(
+        progress = self.context.progress(
             loader,
+            settings.show_progress,
             total=len(self.sampler),
             desc=f"epoch {self.state.epoch + 1}/{settings.epochs}",
             unit="batch",
-            disable=not (settings.show_progress and self.context.is_main),
         )
         window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
         for position, batch in enumerate(progress, start=self.state.consumed):
