@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-gpu lint clean
+.PHONY: install demo test test-fast test-gpu lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# The fast tier: the suite less the tests marked slow (end-to-end sweeps, torchrun runs, ...).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 # The GPU tier (tests/gpu): every script, the demo and the README's notebook code on CUDA, fp32 and
 # bf16; skipped without CUDA. SPAR_TEST_DEVICE=cpu runs it on the CPU (checks the tier itself).

@@ -1,4 +1,5 @@
-"""Test helpers: paths and small generated image folders."""
+"""Test helpers shared by the test modules (which never import each other): paths, scripts run
+as users run them, small generated image folders and benchmarks, and evaluation configs."""
 
 import os
 import subprocess
@@ -6,7 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
+
+from spar.data.benchmarks import SegmentationBenchmark
+from spar.distributed import register_run_id_resolver
+from spar.evaluation import read_prediction_png
+from spar.metrics import MeanIoU
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -126,3 +133,32 @@ def write_benchmark(
         _label_image(raw, name).save(label_path)
         labels[stem] = raw
     return labels
+
+
+def eval_config(*overrides: str, templates: str = "single"):
+    """The ``configs/eval.yaml`` config for a quick CPU run, with Hydra ``overrides``.
+
+    ``templates="single"`` encodes one prompt per class name, 80x cheaper than the paper's
+    ``"imagenet80"`` ensemble (an ADE20K classifier through the tiny text tower takes seconds
+    instead of a quarter of a minute); pass ``templates="imagenet80"`` to test the ensemble.
+    """
+    register_run_id_resolver()
+    base = [
+        "device=cpu",
+        "num_workers=0",
+        "show_progress=false",
+        "dataset.bounds=[128,96]",
+        f"templates={templates}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=base + list(overrides))
+
+
+def miou_from_pngs(name: str, root: Path, predictions: Path) -> tuple[float, MeanIoU]:
+    """The mIoU (in %) of benchmark ``name`` under ``root`` recomputed from the prediction PNGs
+    in ``predictions``, and the metric it came from."""
+    dataset = SegmentationBenchmark(name, root)
+    metric = MeanIoU(dataset.num_classes)
+    for item in dataset:
+        metric.update(read_prediction_png(predictions / f"{item['name']}.png"), item["label"])
+    return 100 * metric.compute().miou, metric

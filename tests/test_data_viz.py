@@ -86,12 +86,21 @@ def test_overlay_adds_a_legend_of_present_classes():
 
 
 def test_pca_pictures_share_one_basis():
+    # Two different maps that share three feature directions (scaled by 2 in the second map):
+    # with one basis the shared cells get the same colours in both pictures, and the second
+    # picture differs from the one its map gets alone (its own basis, its own colour range).
     generator = torch.Generator().manual_seed(0)
     first = torch.randn(16, 4, 6, generator=generator)
-    pictures = pca_rgb([first, first.clone()], size=(8, 12))
-    assert pictures[0].shape == (3, 8, 12)
-    assert 0 <= pictures[0].min() and pictures[0].max() <= 1
-    assert torch.equal(pictures[0], pictures[1])
+    second = torch.randn(16, 3, 5, generator=generator) + torch.linspace(-2, 2, 16)[:, None, None]
+    second[:, 0, :3] = 2 * first[:, 1, 2:5]
+    pictures = pca_rgb([first, second])
+    assert [p.shape for p in pictures] == [(3, 4, 6), (3, 3, 5)]
+    torch.testing.assert_close(pictures[1][:, 0, :3], pictures[0][:, 1, 2:5])
+    assert not torch.allclose(pca_rgb([second])[0], pictures[1], atol=0.05)
+    assert all(0 <= p.min() and p.max() <= 1 and p.max() > p.min() for p in pictures)
+    upsampled = pca_rgb([first, second], size=(8, 12))
+    assert [p.shape for p in upsampled] == [(3, 8, 12), (3, 8, 12)]
+    torch.testing.assert_close(upsampled[0][:, ::2, ::2], pictures[0])
 
 
 def test_side_by_side_places_pictures_left_to_right():

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, ROOT, run_script, write_benchmark
+from helpers import CONFIGS, ROOT, eval_config, miou_from_pngs, run_script, write_benchmark
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from spar import segmentation
 from spar.config import RenamedSettingError
 from spar.data.benchmarks import BENCHMARKS, SegmentationBenchmark
 from spar.distributed import register_run_id_resolver
@@ -23,26 +24,17 @@ from spar.evaluation import (
     read_prediction_png,
     run_evaluation,
 )
-from spar.metrics import MeanIoU
-from spar.segmentation import OpenVocabSegmenter
+from spar.segmentation import (
+    PROMPT_TEMPLATES,
+    OpenVocabSegmenter,
+    build_text_classifier,
+    load_class_names,
+)
 
 register_run_id_resolver()
 
 
-def eval_config(*overrides):
-    base = ["device=cpu", "num_workers=0", "show_progress=false", "dataset.bounds=[128,96]"]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="eval", overrides=base + list(overrides))
-
-
-def miou_from_pngs(name, root, predictions):
-    dataset = SegmentationBenchmark(name, root)
-    metric = MeanIoU(dataset.num_classes)
-    for item in dataset:
-        metric.update(read_prediction_png(predictions / f"{item['name']}.png"), item["label"])
-    return 100 * metric.compute().miou, metric
-
-
+@pytest.mark.slow  # the fast tier: run_evaluation with both sources, each layout's reader
 def test_script_sweep_over_every_layout_and_both_feature_sources(tmp_path):
     """One eval.py sweep: every dataset layout, student and teacher; each reported mIoU equals the
     mIoU recomputed from its saved prediction PNGs."""
@@ -56,11 +48,11 @@ def test_script_sweep_over_every_layout_and_both_feature_sources(tmp_path):
         f"dataset.root={tmp_path / 'data'}/${{dataset.name}}",
         "dataset.bounds=[128,96]",
         "teacher.window=64",
+        "templates=single",
         "save_predictions=true",
         "num_workers=0",
         "show_progress=false",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        timeout=600,
     )
     for name in BENCHMARKS:
         for features in ("student", "teacher"):
@@ -76,11 +68,32 @@ def test_script_sweep_over_every_layout_and_both_feature_sources(tmp_path):
             assert written["aacc"] == pytest.approx(100 * metric.compute().aacc, abs=1e-9)
 
 
-def test_run_evaluation_from_python(tmp_path):
-    write_benchmark("ade20k", tmp_path / "data")
-    cfg = eval_config("dataset=ade20k", f"dataset.root={tmp_path / 'data'}")
+def test_run_evaluation_from_python_with_the_80_prompt_ensemble(tmp_path, monkeypatch):
+    """The paper's protocol end to end (the other tests use one prompt per name): every class
+    name goes through all 80 ImageNet templates."""
+    encoded = []
+
+    def counting_classifier(encode_text, classes, templates="imagenet80", **kwargs):
+        def encode(prompts):
+            encoded.extend(prompts)
+            return encode_text(prompts)
+
+        return build_text_classifier(encode, classes, templates, **kwargs)
+
+    monkeypatch.setattr(segmentation, "build_text_classifier", counting_classifier)
+    write_benchmark("cityscapes", tmp_path / "data")
+    cfg = eval_config(
+        "dataset=cityscapes", f"dataset.root={tmp_path / 'data'}", templates="imagenet80"
+    )
     results = run_evaluation(cfg, tmp_path / "run")
-    assert results["config"]["dataset"]["name"] == "ade20k" and results["num_images"] == 3
+    assert results["num_images"] == 3 and 0 <= results["miou"] <= 100
+    names = [
+        name
+        for synonyms in load_class_names(BENCHMARKS["cityscapes"].class_file)
+        for name in synonyms
+    ]
+    assert len(encoded) == 80 * len(names)
+    assert {template(names[0]) for template in PROMPT_TEMPLATES} <= set(encoded)
     assert (tmp_path / "run" / "eval_results.json").is_file()
     assert not (tmp_path / "run" / "predictions").exists()
 
@@ -93,8 +106,7 @@ def test_teacher_features_use_the_sliding_window(tmp_path, name):
         eval_config(*common, "features=teacher", "teacher.window=64", "teacher.stride=24"),
         tmp_path / "slide",
     )
-    single = run_evaluation(eval_config(*common), tmp_path / "single")
-    assert slide["features"] == "teacher" and single["features"] == "student"
+    run_evaluation(eval_config(*common), tmp_path / "single")
     recomputed, _ = miou_from_pngs(name, tmp_path / "data", tmp_path / "slide" / "predictions")
     assert slide["miou"] == pytest.approx(recomputed, abs=1e-9)
     slide_pngs = sorted((tmp_path / "slide" / "predictions").iterdir())
@@ -134,14 +146,12 @@ def test_protocol_settings_follow_the_paper():
         settings = dataset(name)
         assert settings["logit_scale"] == 40 and settings["bounds"] == [2048, 672]
         assert settings["prob_threshold"] is None and settings["area_threshold"] is None
-    for name in BENCHMARKS:
-        assert dataset(name)["name"] == name
 
 
 def test_class_count_mismatch_is_an_error(tmp_path, tiny_backbone):
     write_benchmark("cityscapes", tmp_path)
     dataset = SegmentationBenchmark("cityscapes", tmp_path)
-    segmenter = OpenVocabSegmenter.from_backbone(tiny_backbone, ["road", "sky"])
+    segmenter = OpenVocabSegmenter.from_backbone(tiny_backbone, ["road", "sky"], templates="single")
     with pytest.raises(ValueError, match="2 class names for cityscapes"):
         evaluate_benchmark(segmenter, dataset, tiny_backbone.mean, tiny_backbone.std)
 
@@ -152,7 +162,8 @@ def test_prediction_png_round_trip(tmp_path):
     np.testing.assert_array_equal(read_prediction_png(tmp_path / "p.png"), prediction.numpy())
 
 
-@pytest.mark.parametrize("features", ["student", "teacher"])
+# The teacher through eval.py is slow; the fast tier has it through run_evaluation.
+@pytest.mark.parametrize("features", ["student", pytest.param("teacher", marks=pytest.mark.slow)])
 def test_eval_script_prints_the_table_and_writes_results(tmp_path, features):
     write_benchmark("voc21", tmp_path / "voc")
     result = run_script(
@@ -162,6 +173,7 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, features):
         "dataset.bounds=[128,96]",
         f"features={features}",
         "teacher.window=64",
+        "templates=single",
         "save_predictions=true",
         "num_workers=0",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -196,18 +208,22 @@ def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
     assert "| siglip2 SPAR (spar_siglip2.ckpt) | 23.4 | 81.5 | 52.5 |" in table
 
 
+@pytest.mark.slow  # torchrun, two processes; the fast tier: MeanIoU merges and sums shards
 def test_two_process_evaluation_sums_the_shards(tmp_path):
     write_benchmark("cityscapes", tmp_path / "data", count=5)
-    common = [
-        "dataset=cityscapes",
-        f"dataset.root={tmp_path / 'data'}",
+    data = ["dataset=cityscapes", f"dataset.root={tmp_path / 'data'}"]
+    single = run_evaluation(eval_config(*data), tmp_path / "one")
+    result = run_script(
+        "eval.py",
+        *data,
         "dataset.bounds=[128,96]",
+        "templates=single",
         "device=cpu",
         "num_workers=0",
         "show_progress=false",
-    ]
-    single = run_evaluation(eval_config(*common[1:], "dataset=cityscapes"), tmp_path / "one")
-    result = run_script("eval.py", *common, f"hydra.run.dir={tmp_path / 'two'}", ranks=2)
+        f"hydra.run.dir={tmp_path / 'two'}",
+        ranks=2,
+    )
     assert result.stdout.count("mIoU") == 1  # rank 0 prints
     sharded = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert sharded["num_images"] == 5

@@ -11,6 +11,8 @@ from helpers import ROOT, run_script
 from PIL import Image
 from safetensors import safe_open
 
+from spar.config import reject_renamed_overrides
+from spar.data import list_images
 from spar.demo import SAMPLE_IMAGES
 from spar.features import extract_features
 from spar.models import SlidingWindowTeacher
@@ -22,7 +24,7 @@ CAT = SAMPLE_IMAGES / "cat.jpg"
 
 def test_segmentation_picture_is_one_call(tiny_backbone):
     picture, mask = segmentation_picture(
-        tiny_backbone, CAT, ["sky", "cat, kitten", "floor"], bounds=(160, 120)
+        tiny_backbone, CAT, ["sky", "cat, kitten", "floor"], bounds=(160, 120), templates="single"
     )
     assert mask.shape == (106, 160) and int(mask.max()) < 3
     assert picture.height >= 106 and picture.width > 160  # image plus legend
@@ -75,7 +77,7 @@ def test_segment_script_writes_both_pictures(tmp_path):
     assert segmentation.width > 2 * 160 and features.width >= 3 * 160
 
 
-def test_extract_features_script_writes_and_resumes(tmp_path):
+def test_extract_features_script_writes_and_resumes(tmp_path, tiny_backbone):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
     for name in ("cat.jpg", "rocket.jpg"):
@@ -92,15 +94,21 @@ def test_extract_features_script_writes_and_resumes(tmp_path):
         info = json.loads(file.metadata()["info"])
     assert features.dtype == torch.float16 and features.shape == (64, 6, 8)
     assert info["input_size"] == [85, 128] and info["backbone"]["name"] == "tiny"
-    second = run_script(
-        "extract_features.py",
-        *common,
-        "features=teacher",
-        "teacher.window=64",
-        f"hydra.run.dir={tmp_path / 'b'}",
-        cwd=tmp_path,
-    )
-    assert "0 written, 2 kept" in second.stdout
+
+    # Resuming (in process: a second script run costs seconds of start-up) keeps what is there,
+    # whatever the source; overwrite=True writes the teacher's features over the student's.
+    teacher = SlidingWindowTeacher(tiny_backbone, window=64, stride=24)
+    options = {"mean": tiny_backbone.mean, "std": tiny_backbone.std, "bounds": (128, 96)}
+    resume = [teacher, list_images(images), images, tmp_path / "features"]
+    with pytest.warns(UserWarning, match="broken.png"):
+        counts = extract_features(*resume, **options, show_progress=False)
+    assert (counts["written"], counts["kept"], counts["skipped"]) == (0, 2, 1)
+    with pytest.warns(UserWarning, match="broken.png"):
+        counts = extract_features(*resume, **options, overwrite=True, show_progress=False)
+    assert (counts["written"], counts["kept"]) == (2, 0)
+    with safe_open(str(path), framework="pt") as file:
+        stitched = file.get_tensor("features")
+    assert stitched.shape == features.shape and not torch.equal(stitched, features)
 
 
 def test_extract_features_rejects_unknown_dtype(tmp_path, tiny_backbone):
@@ -110,14 +118,28 @@ def test_extract_features_rejects_unknown_dtype(tmp_path, tiny_backbone):
         )
 
 
-@pytest.mark.parametrize(
-    ("script", "overrides", "expected"),
-    [
-        ("segment.py", ["teacher=true", "slide.stride=48"], ["teacher=true is now show_teacher"]),
-        ("extract_features.py", ["mode=slide"], ["mode is now features (mode=single: features"]),
-    ],
-)
+RENAMED = [
+    ("segment.py", ["teacher=true", "slide.stride=48"], ["teacher=true is now show_teacher"]),
+    ("extract_features.py", ["mode=slide"], ["mode is now features (mode=single: features"]),
+]
+
+
+@pytest.mark.parametrize(("script", "overrides", "expected"), RENAMED)
 def test_renamed_settings_are_named_with_their_new_spelling(script, overrides, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        reject_renamed_overrides(overrides, script.removesuffix(".py"))
+    for text in expected:
+        assert text in str(exit_info.value)
+
+
+def test_feature_picture_names_its_renamed_argument():
+    with pytest.raises(TypeError, match="teacher= is now dense"):
+        feature_picture(None, CAT, teacher=None)
+
+
+@pytest.mark.slow  # the script start-up; the fast tier has the table above and eval.py's run
+@pytest.mark.parametrize(("script", "overrides", "expected"), RENAMED)
+def test_scripts_reject_renamed_settings_before_hydra(script, overrides, expected):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *overrides],
         capture_output=True,
@@ -127,5 +149,3 @@ def test_renamed_settings_are_named_with_their_new_spelling(script, overrides, e
     assert result.returncode == 1
     for text in expected:
         assert text in result.stderr
-    with pytest.raises(TypeError, match="teacher= is now dense"):
-        feature_picture(None, CAT, teacher=None)

@@ -34,16 +34,23 @@ def test_bundled_samples_are_images_with_licences():
 
 def test_compare_teacher_student_writes_pictures_and_summary(tmp_path, tiny_backbone):
     paths = list_images(SAMPLE_IMAGES)[:2]
-    teacher = build_teacher(tiny_backbone, {"stride": 48})
+    # 64 px windows: several per image, so the teacher differs from the single pass (a window
+    # covering the whole image would make the two equal).
+    teacher = build_teacher(tiny_backbone, {"window": 64, "stride": 48})
     summary = compare_teacher_student(
         tiny_backbone, paths, ["sky", "cat, kitten"], tmp_path, teacher=teacher, bounds=(160, 128)
     )
-    assert summary["stride"] == 48
-    assert len(summary["images"]) == 2
-    for path, row in zip(paths, summary["images"], strict=True):
+    assert (summary["stride"], summary["window"]) == (48, [64, 64])
+    rows = summary["images"]
+    assert [row["image"] for row in rows] == [str(path) for path in paths]
+    for path, row in zip(paths, rows, strict=True):
         assert (tmp_path / f"{path.stem}_features.png").is_file()
         assert (tmp_path / f"{path.stem}_segmentation.png").is_file()
-        assert 0 < row["cosine"] <= 1 and row["mse"] >= 0 and row["windows"] >= 1
+        assert max(row["size"]) <= 160 and min(row["size"]) <= 128  # fits the bounds
+        assert row["windows"] == teacher.num_windows(*row["size"]) > 1
+        assert row["mse"] > 0 and 0 < row["cosine"] < 1
+    assert summary["mean_mse"] == pytest.approx(sum(row["mse"] for row in rows) / 2)
+    assert summary["mean_cosine"] == pytest.approx(sum(row["cosine"] for row in rows) / 2)
     assert json.loads((tmp_path / "demo_summary.json").read_text()) == summary
 
 

@@ -11,6 +11,7 @@ from spar.segmentation import (
     build_text_classifier,
     load_class_names,
     parse_classes,
+    resolve_templates,
 )
 
 VOCABULARY = ["background", "sky", "road", "street", "car"]
@@ -217,6 +218,20 @@ def test_prompts_are_encoded_in_batches():
 def test_the_default_ensemble_is_the_80_imagenet_templates():
     assert len(PROMPT_TEMPLATES) == 80
     assert all("cat" in template("cat") for template in PROMPT_TEMPLATES)
+    assert resolve_templates("imagenet80") == PROMPT_TEMPLATES
+
+
+def test_template_sets_are_named_and_unknown_names_list_them():
+    (single,) = resolve_templates("single")
+    assert single("cat") == "a photo of a cat."
+    embeddings, _ = build_text_classifier(FakeTextEncoder(), CLASSES, "single")
+    torch.testing.assert_close(embeddings, torch.eye(5))
+    with pytest.raises(
+        ValueError, match=r"unknown template set 'imagenet'.*'imagenet80', 'single'"
+    ):
+        resolve_templates("imagenet")
+    with pytest.raises(ValueError, match="at least one prompt template"):
+        build_text_classifier(FakeTextEncoder(), CLASSES, [])
 
 
 def test_parse_classes():
@@ -285,7 +300,7 @@ def test_thresholds_must_be_fractions(name):
 def test_real_backbone_and_teacher_end_to_end(tiny_backbone, use_teacher):
     dense = SlidingWindowTeacher(tiny_backbone, window=64, stride=24) if use_teacher else None
     seg = OpenVocabSegmenter.from_backbone(
-        tiny_backbone, ["sky", "road, street", "car"], dense=dense
+        tiny_backbone, ["sky", "road, street", "car"], dense=dense, templates="single"
     )
     images = torch.randn(2, 3, 90, 120)
     scores = seg.class_probabilities(images)
