@@ -1,5 +1,5 @@
 """Test helpers shared by the test modules (which never import each other): paths, scripts run
-as users run them, small generated image folders and benchmarks, and evaluation configs."""
+as users run them, small generated image folders and benchmarks, evaluation and training configs."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 
 from spar.data.benchmarks import SegmentationBenchmark
+from spar.distill import run_distillation
 from spar.distributed import register_run_id_resolver
 from spar.evaluation import read_prediction_png
 from spar.metrics import MeanIoU
@@ -162,3 +163,37 @@ def miou_from_pngs(name: str, root: Path, predictions: Path) -> tuple[float, Mea
     for item in dataset:
         metric.update(read_prediction_png(predictions / f"{item['name']}.png"), item["label"])
     return 100 * metric.compute().miou, metric
+
+
+def train_config(tmp_path, *overrides):
+    """``configs/train.yaml`` composed with ``overrides``, pointed at ``tmp_path``, small."""
+    base = [
+        f"teacher.cache_dir={tmp_path / 'cache'}",
+        "trainer.num_workers=0",
+        "trainer.show_progress=false",
+        "trainer.log_every=1",
+        "device=cpu",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=base + list(overrides))
+
+
+def small_run(tmp_path, name, *overrides, images=None):
+    """A short distillation on generated images (tiny backbone, 96 px windows); returns the
+    summary and the run directory."""
+    images = images or write_scene_images(tmp_path / "images", count=5)
+    cfg = train_config(
+        tmp_path,
+        f"train_images.root={images}",
+        "train_images.augment.bounds=[160,128]",
+        "train_images.augment.min_crop=64",
+        "train_images.augment.min_short_side=64",
+        "train_images.draws_per_image=2",
+        "heldout.num_images=1",
+        "heldout.sizes=[[160,128],[256,192]]",
+        "teacher.window=96",
+        "teacher.stride=24",
+        *overrides,
+    )
+    summary = run_distillation(cfg, tmp_path / name)
+    return summary, tmp_path / name

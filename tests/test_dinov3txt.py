@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import write_scene_images
+from helpers import eval_config, miou_from_pngs, small_run, write_benchmark, write_scene_images
 
 from spar.models import SlidingWindowTeacher, WeightLoadingError, backbone_entry, create_backbone
 from spar.models.dinov3txt import TINY_ARCHITECTURE, DinoV3TxtBackbone, official_state
@@ -230,8 +230,6 @@ def test_teacher_student_and_segmenter_run(tiny):
 
 
 def test_distillation_runs_on_the_tiny_config(tmp_path):
-    from test_distill_train import small_run
-
     images = write_scene_images(tmp_path / "images", count=4)
     summary, _ = small_run(
         tmp_path,
@@ -263,7 +261,6 @@ def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
 
 
 def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
-    from helpers import eval_config, miou_from_pngs, write_benchmark
 
     from spar.demo import SAMPLE_IMAGES, compare_teacher_student
     from spar.evaluation import run_evaluation

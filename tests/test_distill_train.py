@@ -10,14 +10,13 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, ROOT, write_scene_images
-from hydra import compose, initialize_config_dir
+from helpers import CONFIGS, ROOT, small_run, train_config, write_scene_images
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from safetensors import safe_open
 
-from spar.config import RenamedSettingError
+from spar.config import RenamedSettingError, reject_renamed_overrides
 from spar.distill import (
     AugmentationRecipe,
     DistillationViews,
@@ -40,38 +39,6 @@ from spar.models.checkpoint import read_checkpoint, save_checkpoint
 from spar.utils import NonFiniteError
 
 register_run_id_resolver()
-
-
-def train_config(tmp_path, *overrides):
-    """``configs/train.yaml`` composed with ``overrides``, pointed at ``tmp_path``, small."""
-    base = [
-        f"teacher.cache_dir={tmp_path / 'cache'}",
-        "trainer.num_workers=0",
-        "trainer.show_progress=false",
-        "trainer.log_every=1",
-        "device=cpu",
-    ]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=base + list(overrides))
-
-
-def small_run(tmp_path, name, *overrides, images=None):
-    images = images or write_scene_images(tmp_path / "images", count=5)
-    cfg = train_config(
-        tmp_path,
-        f"train_images.root={images}",
-        "train_images.augment.bounds=[160,128]",
-        "train_images.augment.min_crop=64",
-        "train_images.augment.min_short_side=64",
-        "train_images.draws_per_image=2",
-        "heldout.num_images=1",
-        "heldout.sizes=[[160,128],[256,192]]",
-        "teacher.window=96",
-        "teacher.stride=24",
-        *overrides,
-    )
-    summary = run_distillation(cfg, tmp_path / name)
-    return summary, tmp_path / name
 
 
 def train_losses(run_dir):
@@ -237,32 +204,40 @@ def test_train_yaml_repeats_the_settings_defaults_exactly():
     ("script", "override", "expected"),
     [
         (
-            "train.py",
+            "train",
             "teacher.mode=online",
             "teacher.mode is now teacher.cache (teacher.mode=cached: "
             "teacher.cache=true, teacher.mode=online: teacher.cache=false)",
         ),
         (
-            "cache_teacher.py",
+            "cache_teacher",
             "train.unfreeze=all",
             "train.unfreeze is now backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
         ),
         (
-            "train.py",
+            "train",
             "data.root=/data/sa1b",
             "data is now train_images (data=sa1b: train_images=sa1b, data.root=...: "
             "train_images.root=...)",
         ),
     ],
 )
-def test_renamed_overrides_name_their_new_spelling(tmp_path, script, override, expected):
+def test_renamed_overrides_name_their_new_spelling(script, override, expected):
+    with pytest.raises(SystemExit) as stop:
+        reject_renamed_overrides([override], script)
+    assert expected in str(stop.value) and f"scripts/{script}.py" in str(stop.value)
+
+
+@pytest.mark.slow
+def test_the_train_script_refuses_a_renamed_override_before_hydra_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), override, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "teacher.mode=online"]
+        + [f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1 and expected in result.stderr
+    assert result.returncode == 1 and "teacher.mode is now teacher.cache" in result.stderr
     assert not list(tmp_path.iterdir())  # refused before Hydra made the run directory
 
 

@@ -36,6 +36,7 @@ def test_cache_script_then_training_reuses_every_entry(tmp_path):
     assert summary["steps"] == 6 and (tmp_path / "train" / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "online"])
 def test_two_process_gloo_run_trains_and_saves_once(tmp_path, cache):
     images = write_scene_images(tmp_path / "images", count=5)
