@@ -4,6 +4,7 @@ as users run them, small generated image folders and benchmarks, evaluation and 
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,19 @@ def miou_from_pngs(name: str, root: Path, predictions: Path) -> tuple[float, Mea
     return 100 * metric.compute().miou, metric
 
 
+# A few small views of generated images, 96 px teacher windows: a training run of seconds.
+SMALL_TRAINING = (
+    "train_images.augment.bounds=[160,128]",
+    "train_images.augment.min_crop=64",
+    "train_images.augment.min_short_side=64",
+    "train_images.draws_per_image=1",
+    "heldout.num_images=1",
+    "heldout.sizes=[[160,128],[256,192]]",
+    "teacher.window=96",
+    "trainer.num_workers=0",
+)
+
+
 def train_config(tmp_path, *overrides):
     """``configs/train.yaml`` composed with ``overrides``, pointed at ``tmp_path``, small."""
     base = [
@@ -197,3 +211,21 @@ def small_run(tmp_path, name, *overrides, images=None):
     )
     summary = run_distillation(cfg, tmp_path / name)
     return summary, tmp_path / name
+
+
+class LightningAttributeDict(dict):
+    """Lightning's hyper-parameter container, pickled under its real name (see
+    :func:`register_fake_lightning`)."""
+
+    __module__ = "lightning.fabric.utilities.data"
+    __qualname__ = "AttributeDict"
+
+
+def register_fake_lightning(monkeypatch) -> None:
+    """Make :class:`LightningAttributeDict` importable as Lightning's ``AttributeDict`` (without
+    Lightning), so that ``torch.save`` pickles it by that exact name."""
+    parts = LightningAttributeDict.__module__.split(".")
+    for depth in range(1, len(parts) + 1):  # pickle imports the module, so its parents too
+        name = ".".join(parts[:depth])
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[LightningAttributeDict.__module__].AttributeDict = LightningAttributeDict

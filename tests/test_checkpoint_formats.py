@@ -3,24 +3,17 @@ dicts), detected and mapped onto our backbones, with clear errors."""
 
 import os
 import pathlib
-import sys
-import types
 from collections import defaultdict
 
 import pytest
 import torch
+from helpers import LightningAttributeDict, register_fake_lightning
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from spar.models import WeightLoadingError, backbone_entry, create_backbone, list_backbones
 from spar.models.checkpoint import load_any_checkpoint, read_released_weights, save_checkpoint
 from spar.models.weights import read_weight_file
-
-
-class AttributeDict(dict):
-    """Lightning's hyper-parameter container, pickled under its real name (see the fixture)."""
-
-    __module__ = "lightning.fabric.utilities.data"
 
 
 class TrainingHyperParameters(dict):
@@ -39,12 +32,7 @@ class DeletesAFile:
 
 @pytest.fixture(autouse=True)
 def lightning_module(monkeypatch):
-    """Make :class:`AttributeDict` importable as Lightning's, so ``torch.save`` names it so."""
-    parts = AttributeDict.__module__.split(".")
-    for depth in range(1, len(parts) + 1):  # pickle imports the module, so its parents too
-        name = ".".join(parts[:depth])
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules[AttributeDict.__module__].AttributeDict = AttributeDict
+    register_fake_lightning(monkeypatch)
 
 
 TINY_NAMES = [name for name in list_backbones() if backbone_entry(name).default_pretrained is None]
@@ -68,7 +56,7 @@ def write_lightning(path, state, extra=None):
             **{f"segmentor.net.{k}": v for k, v in state.items()},
             "segmentor.teacher.model.visual.proj": torch.zeros(2, 2),  # not ours: ignored
         },
-        "hyper_parameters": AttributeDict(lr=2e-5, backbone="siglip2", callbacks=[]),
+        "hyper_parameters": LightningAttributeDict(lr=2e-5, backbone="siglip2", callbacks=[]),
         "hparams_name": "kwargs",
         "optimizer_states": [{"state": {}, "param_groups": []}],
         "callbacks": {
@@ -161,7 +149,7 @@ def test_omegaconf_hyper_parameters_are_read_without_their_code(tmp_path):
 def test_stand_ins_are_plain_values_or_inert(tmp_path):
     torch.save(
         {
-            "hparams": AttributeDict(lr=2e-5),
+            "hparams": LightningAttributeDict(lr=2e-5),
             "counts": defaultdict(list, {"val": [1]}),
             "root": pathlib.Path("/data"),
         },

@@ -6,13 +6,12 @@ import os
 import pathlib
 import pickle
 import struct
-import sys
-import types
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from helpers import LightningAttributeDict, register_fake_lightning
 
 from spar.distill import Distiller, OptimSettings, TeacherTargets, TrainerSettings
 from spar.models import SlidingWindowTeacher, WeightLoadingError, create_backbone
@@ -42,20 +41,9 @@ class RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-class AttributeDict(dict):
-    """Lightning's hyper-parameter container, pickled under its real name (see the fixture)."""
-
-    __module__ = "lightning.fabric.utilities.data"
-
-
 @pytest.fixture(autouse=True)
 def lightning_module(monkeypatch):
-    """Make :class:`AttributeDict` importable as Lightning's, so ``torch.save`` names it so."""
-    parts = AttributeDict.__module__.split(".")
-    for depth in range(1, len(parts) + 1):  # pickle imports the module, so its parents too
-        name = ".".join(parts[:depth])
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules[AttributeDict.__module__].AttributeDict = AttributeDict
+    register_fake_lightning(monkeypatch)
 
 
 DOTTED_NAMES = {  # GLOBAL operand -> the argument that makes it create the marker
@@ -96,7 +84,7 @@ def write_dotted_name_zip(path, marker, target="torch._utils os.system"):
 
 def write_lightning_with_trap(path, marker):
     """A Lightning ``.ckpt`` whose hyper-parameters hide a trap two levels down."""
-    hyper_parameters = AttributeDict(lr=2e-5, schedule={"warmup": [TouchesMarker(marker)]})
+    hyper_parameters = LightningAttributeDict(lr=2e-5, schedule={"warmup": [TouchesMarker(marker)]})
     state = create_backbone("tiny", pretrained=None).state_dict()
     checkpoint = {
         "state_dict": {f"segmentor.net.{k}": v for k, v in state.items()},

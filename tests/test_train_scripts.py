@@ -3,19 +3,9 @@
 import json
 
 import pytest
-from helpers import run_script, write_scene_images
+from helpers import SMALL_TRAINING, run_script, write_scene_images
 
-SMALL = [
-    "train_images.augment.bounds=[160,128]",
-    "train_images.augment.min_crop=64",
-    "train_images.augment.min_short_side=64",
-    "train_images.draws_per_image=1",
-    "heldout.num_images=1",
-    "heldout.sizes=[[160,128],[256,192]]",
-    "teacher.window=96",
-    "trainer.num_workers=0",
-    "device=cpu",
-]
+SMALL = [*SMALL_TRAINING, "device=cpu"]
 
 
 def test_cache_script_then_training_reuses_every_entry(tmp_path):

@@ -20,25 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script, write_scene_images
+from helpers import SMALL_TRAINING, run_script, write_scene_images
 
 DEVICE_VARIABLE = "SPAR_TEST_DEVICE"
 DEVICE_NAME = os.environ.get(DEVICE_VARIABLE, "").strip() or "cuda"
 TIER = Path(__file__).resolve().parent
 
 # Small training settings shared by every training-like script (about 2 steps per run).
-TRAIN_SMALL = (
-    "train_images.augment.bounds=[160,128]",
-    "train_images.augment.min_crop=64",
-    "train_images.augment.min_short_side=64",
-    "train_images.draws_per_image=1",
-    "heldout.num_images=1",
-    "heldout.sizes=[[160,128],[256,192]]",
-    "teacher.window=96",
-    "trainer.epochs=1",
-    "trainer.num_workers=0",
-    "trainer.show_progress=false",
-)
+TRAIN_SMALL = (*SMALL_TRAINING, "trainer.epochs=1", "trainer.show_progress=false")
 
 
 def unavailable_reason(name: str) -> str | None:
