@@ -20,6 +20,7 @@ from spar.config import RenamedSettingError, reject_renamed_overrides
 from spar.distill import (
     AugmentationRecipe,
     DistillationViews,
+    Distiller,
     OptimSettings,
     SizeBucketBatchSampler,
     StudentOptimizer,
@@ -488,3 +489,14 @@ def test_a_non_finite_parameter_is_never_saved(tmp_path):
     with pytest.raises(NonFiniteError, match=rf"parameter {name}, to be saved in \S+ at step 5"):
         save_checkpoint(path, backbone, {"step": 5})
     assert path.read_bytes() == before
+
+
+def test_renamed_python_names_give_their_new_spelling(tmp_path):
+    with pytest.raises(ImportError, match=r"fill_teacher_cache is now TeacherTargets"):
+        from spar.distill import fill_teacher_cache  # noqa: F401
+    with pytest.raises(TypeError, match=r"cache= is now targets=TeacherTargets"):
+        DistillationViews([], tmp_path, None, (0.0,) * 3, (1.0,) * 3, cache=None)
+    with pytest.raises(TypeError, match=r"teacher= is now targets=TeacherTargets"):
+        Distiller(
+            None, teacher=None, views=None, heldout=[], out_dir=tmp_path, optim=None, settings=None
+        )

@@ -58,3 +58,16 @@ __all__ = [
     "teacher_map",
     "weights_digest",
 ]
+
+# Names that were renamed; importing one raises an error that names the new spelling.
+_RENAMED = {
+    "fill_teacher_cache": "TeacherTargets(teacher, root, cache=...).fill(views, context)",
+}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        # ImportError rather than AttributeError, so that `from spar.distill import ...` keeps
+        # the message instead of Python's generic "cannot import name".
+        raise ImportError(f"spar.distill.{name} is now {_RENAMED[name]}")
+    raise AttributeError(f"module 'spar.distill' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
+from ..config import renamed_arguments
 from ..data.images import load_image, to_model_input
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
 
@@ -88,6 +89,11 @@ class DistillationViews(Dataset):
             the data-loading workers); :meth:`without_targets` gives the views without it.
     """
 
+    @renamed_arguments(
+        cache="targets=TeacherTargets(teacher, root, cache=...)",
+        teacher_identity="targets=TeacherTargets(...) (it holds the teacher identity)",
+        load_targets="read_targets",
+    )
     def __init__(
         self,
         paths: Sequence[Path],

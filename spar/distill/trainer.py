@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..config import renamed_arguments
 from ..distributed import DistributedContext
 from .buckets import SizeBucketBatchSampler
 from .checkpointing import resume_training, save_training_checkpoint
@@ -77,6 +78,10 @@ class Distiller:
         skipped_files: images already found unreadable (e.g. while filling the cache).
     """
 
+    @renamed_arguments(
+        teacher="targets=TeacherTargets(teacher, root, cache=...)",
+        cache="targets=TeacherTargets(teacher, root, cache=...)",
+    )
     def __init__(
         self,
         student: nn.Module,
