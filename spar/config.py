@@ -14,16 +14,15 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
 _MODE_TO_FEATURES = "features (mode=single: features=student, mode=slide: features=teacher)"
 _SLIDE_TO_TEACHER = "teacher (e.g. teacher.stride=48; configs/teacher/sliding_window.yaml)"
-#: Per entry point (configs/<name>.yaml): renamed setting or override -> its new spelling.
 _TRAINING = {
     "teacher.mode": "teacher.cache (teacher.mode=cached: teacher.cache=true, "
     "teacher.mode=online: teacher.cache=false)",
     "train.unfreeze": "backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
     "data": "train_images (data=sa1b: train_images=sa1b, data.root=...: train_images.root=...)",
 }
+#: Per entry point (configs/<name>.yaml): renamed setting or override -> its new spelling.
 RENAMED_SETTINGS: dict[str, dict[str, str]] = {
     "train": _TRAINING,
     "cache_teacher": _TRAINING,
