@@ -169,11 +169,12 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     classes = load_class_names(data_cfg.get("class_names") or dataset.spec.class_file)
     backbone = create_backbone(**config["backbone"], checkpoint=config.get("checkpoint"))
     backbone = backbone.to(context.device)
+    precision = config.get("precision", "auto")
     teacher = config["features"] == "teacher"
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
         classes,
-        dense=build_teacher(backbone, config.get("teacher")) if teacher else None,
+        dense=build_teacher(backbone, config.get("teacher"), precision) if teacher else None,
         templates=config.get("templates", "imagenet80"),
         logit_scale=data_cfg["logit_scale"],
         logit_bias=data_cfg.get("logit_bias", 0.0),
@@ -188,7 +189,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         backbone.std,
         bounds=tuple(data_cfg["bounds"]),
         device=context.device,
-        autocast=autocast_for(config.get("precision", "auto"), context.device),
+        autocast=autocast_for(precision, context.device),
         class_names=[synonyms[0] for synonyms in classes],
         predictions_dir=out_dir / "predictions" if config.get("save_predictions") else None,
         context=context,

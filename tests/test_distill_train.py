@@ -179,6 +179,7 @@ def test_configs_compose_with_the_documented_overrides(tmp_path):
         "window": None,
         "stride": 24,
         "batch_size": 32,
+        "compile": False,
         "cache": True,
         "cache_dir": f"{tmp_path / 'cache'}",
     }

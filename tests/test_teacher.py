@@ -224,3 +224,48 @@ def test_batched_gather_and_scatter_equal_one_window_at_a_time_exactly(
     for index in range(2):
         reference = reference_stitch(patch_average_backbone, images[index : index + 1], 64, stride)
         torch.testing.assert_close(batched[index : index + 1], reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def padding_only_compile(monkeypatch):
+    """``torch.compile`` replaced by the identity, so ``compile=True`` pads the last chunk of
+    windows but runs eagerly; returns the window-batch sizes the forward saw."""
+    sizes = []
+
+    def recording(forward, **_):
+        def run(crops):
+            sizes.append(crops.shape[0])
+            return forward(crops)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("stride", [16, 24, 40])
+def test_padding_the_last_chunk_leaves_the_stitching_bitwise_unchanged(
+    patch_average_backbone, padding_only_compile, stride
+):
+    images = torch.rand(2, 3, 120, 170)
+    eager = SlidingWindowTeacher(patch_average_backbone, stride=stride, batch_size=7)
+    padded = SlidingWindowTeacher(patch_average_backbone, stride=stride, batch_size=7, compile=True)
+    windows = 2 * eager.num_windows(120, 170)
+    assert windows % 7, "the last chunk must be a partial one"
+    result = padded(images)
+    assert padding_only_compile == [7] * math.ceil(windows / 7)
+    assert torch.equal(result, eager(images))
+    for index in range(2):
+        reference = reference_stitch(patch_average_backbone, images[index : index + 1], 64, stride)
+        torch.testing.assert_close(result[index : index + 1], reference, rtol=1e-6, atol=1e-6)
+
+
+def test_padded_last_chunk_matches_the_plain_reference_on_a_transformer(
+    tiny_backbone, padding_only_compile
+):
+    images = torch.randn(1, 3, 150, 200)
+    teacher = SlidingWindowTeacher(tiny_backbone, window=96, stride=24, batch_size=5, compile=True)
+    with torch.no_grad():
+        expected = reference_stitch(tiny_backbone, images, 96, 24)
+        torch.testing.assert_close(teacher(images), expected, rtol=1e-5, atol=1e-5)
+    assert set(padding_only_compile) == {5} and teacher.num_windows(150, 200) % 5

@@ -77,8 +77,10 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
     context = context or init_distributed(config.get("device", "auto"))
 
     student = create_backbone(**config["backbone"])
-    frozen = copy.deepcopy(student).requires_grad_(False).eval()
-    teacher = build_teacher(frozen, teacher_cfg).to(context.device)
+    frozen = copy.deepcopy(student).requires_grad_(False).eval().to(context.device)
+    # The frozen copy serves only the teacher: a low precision converts it in place.
+    precision = config["trainer"]["precision"]
+    teacher = build_teacher(frozen, teacher_cfg, precision, copy_backbone=False)
 
     root = image_root(data)
     heldout_cfg = config["heldout"]

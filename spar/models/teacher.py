@@ -12,12 +12,18 @@ stride s a multiple of c = p / r. Each window's (h, w) map is upsampled bilinear
 of c pixels, added into a canvas of c-pixel cells at the window's offset, divided by the number
 of windows covering each cell, and resized bilinearly to the patch grid. For s a multiple of p,
 r = 1 and this is plain averaging on the patch grid.
+
+Efficiency. A low-precision teacher runs its own copy of the weights in that dtype (no casts at
+every call), window batches are capped by ``batch_size`` and sized from free memory on CUDA, and
+the window forward can be compiled; see :class:`SlidingWindowTeacher`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import autocast_dtype, module_device
 from .base import check_images, pad_to_patch_multiple
+
+COMPILE_MODES = ("reduce-overhead", "max-autotune")
+FREE_MEMORY_FRACTION = 0.8  # of the free CUDA memory that window batches may take
+PROBE_WINDOWS = 4  # windows run to measure the memory of one window (CUDA)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -128,6 +139,112 @@ class WindowLayout:
         return counts.view(self.canvas_size)
 
 
+def window_batch_size(
+    cap: int, free_bytes: int, bytes_per_window: int, fraction: float = FREE_MEMORY_FRACTION
+) -> int:
+    """Windows per forward: ``min(cap, fraction * free_bytes // bytes_per_window)``, at least 1.
+
+    The teacher's rule on CUDA, where ``free_bytes`` is what the card can still give and
+    ``bytes_per_window`` the measured peak of one window (gather, forward, upsampling, scatter);
+    ``fraction`` leaves room for fragmentation and for whatever else runs. On CPU the cap is used.
+    """
+    fits = int(free_bytes * fraction) // max(bytes_per_window, 1)
+    return max(1, min(cap, fits))
+
+
+def pad_with_last(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """(n,) -> (size,): ``ids`` then copies of its last entry (``ids`` itself when n = size)."""
+    if len(ids) == size:
+        return ids
+    return torch.cat([ids, ids[-1:].expand(size - len(ids))])
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Bytes a CUDA ``device`` can still allocate: free on the card plus what torch's caching
+    allocator holds without using it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def cuda_peak_bytes(function: Callable[[], Any], device: torch.device) -> int:
+    """Peak CUDA bytes that ``function()`` allocates on top of what was allocated before it.
+
+    Resets the device's peak statistics (``torch.cuda.max_memory_allocated``). The allocator
+    counts on the host, when work is queued, so no synchronisation is needed.
+    """
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    function()
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def low_precision_copy(
+    backbone: nn.Module, dtype: torch.dtype | None, copy: bool
+) -> nn.Module | None:
+    """The frozen, eval-mode copy of ``backbone`` in ``dtype`` that runs the windows, or ``None``
+    where the backbone itself runs them (``dtype`` is ``None``, or ``copy`` is false: then the
+    backbone is converted to ``dtype`` in place)."""
+    if dtype is None:
+        return None
+    if not copy:
+        backbone.to(dtype)
+        return None
+    return deepcopy(backbone).to(dtype).requires_grad_(False).eval()
+
+
+@dataclass(frozen=True)
+class WindowJobs:
+    """Every (image, window) pair of a batch, image-major, and the indices that cut and place it.
+
+    Attributes:
+        layout: the window layout of the (padded) images.
+        image: (N,) image index of every job.
+        window: (N,) window index of every job.
+        origins: (W, 2) pixel origin (y, x) of every window.
+        cells: (W, k) flat canvas index of every cell of every window's upsampled map.
+    """
+
+    layout: WindowLayout
+    image: torch.Tensor
+    window: torch.Tensor
+    origins: torch.Tensor
+    cells: torch.Tensor
+
+    @classmethod
+    def plan(cls, batch: int, layout: WindowLayout, device: torch.device) -> WindowJobs:
+        num_windows = len(layout.origins)
+        return cls(
+            layout,
+            torch.arange(batch, device=device).repeat_interleave(num_windows),
+            torch.arange(num_windows, device=device).repeat(batch),
+            torch.tensor(layout.origins, device=device),
+            layout.cell_indices(device),
+        )
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def crops(self, images: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) padded images, (n,) job indices -> (n, 3, h, w) windows, one gather."""
+        device = images.device
+        image_ids, window_ids = self.image[jobs], self.window[jobs]
+        rows = self.origins[window_ids, 0, None] + torch.arange(
+            self.layout.window[0], device=device
+        )
+        cols = self.origins[window_ids, 1, None] + torch.arange(
+            self.layout.window[1], device=device
+        )
+        channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
+        return images[
+            image_ids.view(-1, 1, 1, 1), channels, rows[:, None, :, None], cols[:, None, None, :]
+        ]
+
+    def targets(self, jobs: torch.Tensor) -> torch.Tensor:
+        """(n,) job indices -> (n, k) rows of the (B * rows * cols, C) canvas their cells add to."""
+        rows, cols = self.layout.canvas_size
+        return self.cells[self.window[jobs]] + (self.image[jobs] * (rows * cols))[:, None]
+
+
 class SlidingWindowTeacher(nn.Module):
     """A backbone run as a sliding window and stitched into one map aligned with the image.
 
@@ -135,14 +252,38 @@ class SlidingWindowTeacher(nn.Module):
     ``native_size``, ``mean``, ``std``, ``encode_text``), so it can stand in wherever a backbone
     is used for dense features, e.g. in the segmenter.
 
+    Precision. With ``dtype`` (e.g. ``torch.bfloat16``) the windows run through a frozen copy of
+    the backbone's weights in that dtype, rather than autocasting float32 weights at every call;
+    images are cast to ``dtype`` before the gather, any surrounding autocast is switched off for
+    the teacher, and window maps are stitched in float32. ``encode_text``, ``mean`` and ``std``
+    keep using the original backbone (the text tower stays in its own dtype).
+
+    Window batches. ``batch_size`` is a cap. On CUDA, the first time a window shape is seen, a few
+    windows run eagerly while the peak of allocated memory is measured (this resets the device's
+    peak statistics); each call then runs ``min(cap, 0.8 * free memory // bytes per window)``
+    windows at a time (:func:`window_batch_size`), a size that for a window shape only ever
+    shrinks. On CPU the cap is used.
+
+    Compilation. ``compile`` wraps the window forward in ``torch.compile(mode=..., dynamic=False)``
+    (``True``: the default mode; ``"reduce-overhead"`` also captures CUDA graphs on a GPU;
+    ``"max-autotune"`` searches kernels, slow to compile). The last chunk of windows is then padded
+    to the chunk size with copies of its last window, whose outputs are dropped, so each window
+    shape compiles once. The memory-measuring windows and images no larger than the window (one
+    forward of the whole batch, at any size) run eagerly.
+
     Args:
-        backbone: any object with the dense-backbone contract (duck typing).
+        backbone: any module with the dense-backbone contract (duck typing).
         window: window size (int or (h, w)); defaults to ``backbone.native_size``. Must be a
             multiple of the patch size.
         stride: step between windows in pixels (int or (sy, sx)); need not be a multiple of the
             patch size (24 by default), and must not exceed the window, so that every pixel is
             covered.
-        batch_size: at most this many windows go through the backbone at once.
+        batch_size: the cap on windows per forward (fewer on CUDA when memory is short).
+        dtype: floating dtype of the window weights; ``None``: the backbone as it is.
+        compile: ``False``, ``True``, ``"reduce-overhead"`` or ``"max-autotune"``.
+        copy_backbone: with ``dtype``, ``False`` converts ``backbone`` itself in place instead of
+            copying it (saves memory when nothing else uses it, e.g. training's frozen copy; its
+            text tower is then in ``dtype`` too).
     """
 
     def __init__(
@@ -151,6 +292,9 @@ class SlidingWindowTeacher(nn.Module):
         window: int | tuple[int, int] | None = None,
         stride: int | tuple[int, int] = 24,
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+        compile: bool | str = False,
+        copy_backbone: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -168,7 +312,25 @@ class SlidingWindowTeacher(nn.Module):
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if not (isinstance(compile, bool) or compile in COMPILE_MODES):
+            raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}: {compile!r}")
         self.batch_size = batch_size
+        self.dtype = dtype
+        self.window_copy = low_precision_copy(backbone, dtype, copy_backbone)
+        self.compile_mode = compile
+        self._compiled = None
+        if compile:
+            mode = None if compile is True else compile
+            self._compiled = torch.compile(self.window_model.forward, mode=mode, dynamic=False)
+        self._window_bytes: dict[tuple[int, int], int] = {}
+        self._chunk_sizes: dict[tuple[int, int], int] = {}
+
+    @property
+    def window_model(self) -> nn.Module:
+        """The module that runs the windows: the ``dtype`` copy, or the backbone itself."""
+        return self.backbone if self.window_copy is None else self.window_copy
 
     @property
     def embed_dim(self) -> int:
@@ -206,10 +368,13 @@ class SlidingWindowTeacher(nn.Module):
         """(B, 3, H, W) normalised images -> (B, C, ceil(H/p), ceil(W/p)) stitched, float32."""
         check_images(images)
         layout = self.layout(*images.shape[-2:])
+        if self.dtype is not None:
+            images = images.to(self.dtype)
         images = pad_to_patch_multiple(images, self.patch_size)
-        if len(layout.origins) == 1:
-            return self.backbone(images).float()
-        canvas = self._accumulate(images, layout)
+        with self._precision(images.device):
+            if len(layout.origins) == 1:
+                return self.window_model(images).float()
+            canvas = self._accumulate(images, layout)
         counts = layout.coverage(canvas.device).to(canvas.dtype)
         canvas = canvas / counts
         grid = (layout.image_size[0] // self.patch_size, layout.image_size[1] // self.patch_size)
@@ -217,56 +382,91 @@ class SlidingWindowTeacher(nn.Module):
             canvas = F.interpolate(canvas, size=grid, mode="bilinear", align_corners=False)
         return canvas
 
+    def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast off while a ``dtype`` teacher runs (its weights are cast already)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, enabled=False)
+
     def _accumulate(self, images: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
         """Sum of upsampled window maps on the cell canvas, (B, C, rows, cols) in float32.
 
-        Windows of all images form one job list; each chunk of ``batch_size`` jobs is cut out
-        with one gather, run through the backbone, and scattered into the canvas with one
-        ``index_add_`` (no Python loop over windows).
+        Windows of all images form one job list; each chunk of jobs is cut out with one gather,
+        run through the window model, and scattered into the canvas with one ``index_add_`` (no
+        Python loop over windows).
         """
-        batch, channels = images.shape[:2]
+        batch, device = images.shape[0], images.device
         rows, cols = layout.canvas_size
-        cells_per_image = rows * cols
-        device = images.device
-        window_cells = layout.cell_indices(device)  # (W, cells of one window)
-        origins = torch.tensor(layout.origins, device=device)  # (W, 2)
-        num_windows = len(layout.origins)
-        job_image = torch.arange(batch, device=device).repeat_interleave(num_windows)
-        job_window = torch.arange(num_windows, device=device).repeat(batch)
-        wh, ww = layout.window
-        row_offsets = torch.arange(wh, device=device)
-        col_offsets = torch.arange(ww, device=device)
-        channel_index = torch.arange(channels, device=device).view(1, -1, 1, 1)
-        canvas = None
-        for start in range(0, len(job_image), self.batch_size):
-            image_ids = job_image[start : start + self.batch_size]
-            window_ids = job_window[start : start + self.batch_size]
-            top = origins[window_ids, 0, None] + row_offsets  # (n, wh)
-            left = origins[window_ids, 1, None] + col_offsets  # (n, ww)
-            crops = images[
-                image_ids.view(-1, 1, 1, 1),
-                channel_index,
-                top[:, None, :, None],
-                left[:, None, None, :],
-            ]
-            features = self.backbone(crops).float()
-            if layout.factor != (1, 1):
-                features = F.interpolate(
-                    features, size=layout.window_cells, mode="bilinear", align_corners=False
-                )
-            if canvas is None:
-                canvas = features.new_zeros(batch * cells_per_image, features.shape[1])
-            targets = window_cells[window_ids] + (image_ids * cells_per_image)[:, None]
-            flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-            canvas.index_add_(0, targets.flatten(), flat)
+        jobs = WindowJobs.plan(batch, layout, device)
+        order = torch.arange(len(jobs), device=device)
+        canvas = torch.zeros(
+            batch * rows * cols, self.embed_dim, dtype=torch.float32, device=device
+        )
+        done = self._measure_windows(canvas, images, jobs, order)
+        size = self._chunk_size(layout.window, device)
+        forward = self._compiled or self.window_model
+        for start in range(done, len(jobs), size):
+            chunk = order[start : start + size]
+            padded = size if self._compiled else len(chunk)
+            self._add_windows(canvas, images, jobs, chunk, forward, padded)
         return canvas.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
+    def _add_windows(
+        self,
+        canvas: torch.Tensor,
+        images: torch.Tensor,
+        jobs: WindowJobs,
+        chunk: torch.Tensor,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        padded: int,
+    ) -> None:
+        """Run the (n,) jobs ``chunk`` (padded to ``padded`` windows with copies of the last one,
+        whose maps are dropped) and add their upsampled maps into the (B * cells, C) canvas."""
+        crops = jobs.crops(images, pad_with_last(chunk, padded))
+        features = forward(crops)[: len(chunk)].float()
+        if jobs.layout.factor != (1, 1):
+            features = F.interpolate(
+                features, size=jobs.layout.window_cells, mode="bilinear", align_corners=False
+            )
+        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        canvas.index_add_(0, jobs.targets(chunk).flatten(), flat)
 
-TEACHER_SETTINGS = ("window", "stride", "batch_size")
+    def _measure_windows(
+        self, canvas: torch.Tensor, images: torch.Tensor, jobs: WindowJobs, order: torch.Tensor
+    ) -> int:
+        """On CUDA, for a window shape not seen yet: run the first few jobs eagerly, record the
+        peak bytes per window, and return how many jobs ran (0 when nothing was measured)."""
+        window = jobs.layout.window
+        if images.device.type != "cuda" or window in self._window_bytes:
+            return 0
+        count = min(PROBE_WINDOWS, self.batch_size, len(jobs))
+
+        def first_jobs() -> None:
+            self._add_windows(canvas, images, jobs, order[:count], self.window_model, count)
+
+        self._window_bytes[window] = math.ceil(cuda_peak_bytes(first_jobs, images.device) / count)
+        return count
+
+    def _chunk_size(self, window: tuple[int, int], device: torch.device) -> int:
+        """Windows per forward: the cap on CPU; on CUDA what free memory allows (at most the cap),
+        never more than an earlier call gave this window shape."""
+        if device.type != "cuda":
+            return self.batch_size
+        fits = window_batch_size(
+            self.batch_size, cuda_free_bytes(device), self._window_bytes[window]
+        )
+        self._chunk_sizes[window] = min(fits, self._chunk_sizes.get(window, fits))
+        return self._chunk_sizes[window]
+
+
+TEACHER_SETTINGS = ("window", "stride", "batch_size", "compile")
 
 
 def build_teacher(
-    backbone: nn.Module, settings: Mapping[str, Any] | None = None
+    backbone: nn.Module,
+    settings: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
+    copy_backbone: bool = True,
 ) -> SlidingWindowTeacher:
     """The sliding-window teacher that a ``configs/teacher`` node describes.
 
@@ -274,12 +474,22 @@ def build_teacher(
     single-image tools, the demo and the speed benchmark all call it).
 
     Args:
-        backbone: the frozen backbone the teacher runs.
-        settings: ``window`` (``None``: the backbone's native size), ``stride`` and
-            ``batch_size``; other keys (e.g. the training cache's) are not the teacher's and
-            are ignored. Missing keys take :class:`SlidingWindowTeacher`'s defaults.
+        backbone: the frozen backbone the teacher runs, on the device it will run on.
+        settings: ``window`` (``None``: the backbone's native size), ``stride``, ``batch_size``
+            (the cap on windows per forward) and ``compile``; other keys (e.g. the training
+            cache's) are not the teacher's and are ignored. Missing keys take
+            :class:`SlidingWindowTeacher`'s defaults.
+        precision: ``fp32`` (the backbone as it is), ``bf16``, ``fp16`` or ``auto`` (bf16 on a
+            CUDA device that supports it), resolved on the backbone's device by
+            :func:`spar.utils.autocast_dtype`; a low precision gives the teacher a copy of the
+            backbone in that dtype.
+        copy_backbone: ``False`` converts ``backbone`` in place instead (see
+            :class:`SlidingWindowTeacher`).
     """
     settings = settings or {}
     return SlidingWindowTeacher(
-        backbone, **{k: settings[k] for k in TEACHER_SETTINGS if k in settings}
+        backbone,
+        **{k: settings[k] for k in TEACHER_SETTINGS if k in settings},
+        dtype=autocast_dtype(precision, module_device(backbone)),
+        copy_backbone=copy_backbone,
     )
