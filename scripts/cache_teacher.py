@@ -13,12 +13,14 @@ from spar.config import reject_renamed_overrides
 from spar.distill import fill_cache, fill_heldout_cache, prepare
 from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
+from spar.utils import configure_matmul_precision
 
 register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    configure_matmul_precision(cfg.tf32)
     with distributed_job():
         setup = prepare(cfg)
         stats = fill_cache(setup)

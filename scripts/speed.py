@@ -1,6 +1,8 @@
 """Measure student, teacher and training speed: `python scripts/speed.py backbone=siglip2`.
 
-Prints the tables and writes speed_results.json and speed_strides.png in the run directory.
+Prints the tables and a training-recipe estimate, and writes speed_results.json and
+speed_strides.png in the run directory (with profile=true also the profiler tables
+profile_student_<size>.txt and profile_teacher_<size>_s<stride>.txt).
 """
 
 import sys
@@ -12,22 +14,32 @@ from omegaconf import DictConfig, OmegaConf
 
 from spar.config import reject_renamed_overrides
 from spar.distributed import register_run_id_resolver
-from spar.io import atomic_write_json
+from spar.io import atomic_write_bytes, atomic_write_json
 from spar.models import create_backbone
-from spar.speed import format_table, measure_speed, plot_strides
-from spar.utils import resolve_device
+from spar.speed import (
+    format_table,
+    measure_speed,
+    plot_strides,
+    profile_forwards,
+    recipe_estimate,
+    resolve_sizes,
+)
+from spar.utils import configure_matmul_precision, resolve_device
 
 register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="speed", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    configure_matmul_precision(cfg.tf32)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     precisions = config["precisions"] or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    recipe = config["recipe"]
+    backbone = create_backbone(**config["backbone"])
     results = measure_speed(
-        create_backbone(**config["backbone"]),
+        backbone,
         device,
         sizes=config["sizes"],
         stride_sweep=config["stride_sweep"],
@@ -35,15 +47,28 @@ def main(cfg: DictConfig) -> None:
         precisions=precisions,
         batch_sizes=config["batch_sizes"],
         train_batch_sizes=config["train_batch_sizes"],
+        train_size=recipe["size"],
         warmup=config["warmup"],
         repeats=config["repeats"],
         compile_student=config["compile"],
     )
+    results["recipe"] = {
+        precision: recipe_estimate(results, recipe["images"], recipe["epochs"], precision)
+        for precision in precisions
+    }
     results["config"] = config
     atomic_write_json(out_dir / "speed_results.json", results)
     plot_strides(results, out_dir / "speed_strides.png")
     print(format_table(results))
     print(f"results in {out_dir}/speed_results.json and speed_strides.png")
+    if config["profile"]:
+        sizes = resolve_sizes(config["sizes"], device)
+        middle = sizes[len(sizes) // 2]
+        for name, text in profile_forwards(
+            backbone, device, middle, config["teacher"], precisions
+        ).items():
+            atomic_write_bytes(out_dir / name, text.encode())
+            print(f"profile: {out_dir / name}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from omegaconf import DictConfig
 from spar.config import reject_renamed_overrides
 from spar.distill import run_distillation
 from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
+from spar.utils import configure_matmul_precision
 
 register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    configure_matmul_precision(cfg.tf32)
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed_job():
         summary = run_distillation(cfg, out_dir)

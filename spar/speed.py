@@ -1,30 +1,34 @@
 """Speed of the student, the teacher and a training step: medians of synchronised timings,
-FLOP counts, achieved TFLOP/s against the measured matmul peak, peak memory, bf16 accuracy.
+FLOP counts, achieved TFLOP/s against the measured matmul peak, peak memory, bf16 accuracy; the
+hours of a training recipe estimated from them (:func:`recipe_estimate`) and profiler tables of
+one forward (:func:`profile_forwards`).
 
 ``scripts/speed.py`` (Hydra config ``configs/speed.yaml``) prints :func:`format_table` and writes
-``speed_results.json`` and ``speed_strides.png``.
+``speed_results.json`` and ``speed_strides.png`` (and, with ``profile=true``, the profiler tables).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import renamed_arguments
 from .distill import OptimSettings, StudentOptimizer, teacher_map
 from .io import atomic_save_image
 from .models import build_teacher
-from .utils import autocast_dtype, autocast_for
+from .utils import Autocast, autocast_dtype, autocast_for, configure_matmul_precision
 
 GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
 CPU_SIZES = ((224, 224), (448, 448), (448, 896))
@@ -225,6 +229,17 @@ def time_training_step(
     }
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 matmuls and convolutions without TF32 inside the block, the previous settings
+    after it."""
+    restore = configure_matmul_precision(False)
+    try:
+        yield
+    finally:
+        restore()
+
+
 def low_precision_error(
     backbone: nn.Module,
     size: Sequence[int],
@@ -232,12 +247,14 @@ def low_precision_error(
     device: torch.device,
     precision: str,
 ) -> dict[str, float]:
-    """Relative error of student and teacher maps at ``precision`` against float32."""
+    """Relative error of student and teacher maps at ``precision`` against full float32 (TF32
+    off for the reference)."""
     teacher = build_teacher(backbone, teacher_settings)
     image = _images(1, size, device)
     autocast = autocast_for(precision, device)
     with torch.no_grad():
-        student_ref, teacher_ref = backbone(image).float(), teacher(image)
+        with full_float32():
+            student_ref, teacher_ref = backbone(image).float(), teacher(image)
         with autocast():
             student, stitched = backbone(image).float(), teacher(image).float()
     return {
@@ -247,14 +264,36 @@ def low_precision_error(
 
 
 def device_description(device: torch.device) -> dict[str, Any]:
+    """Device, software versions and whether float32 matmuls run in TF32 (``tf32``: allowed by
+    :func:`spar.utils.configure_matmul_precision` on a CUDA GPU that has it)."""
     info = {"device": str(device), "torch": torch.__version__, "machine": platform.machine()}
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["tf32"] = (
+            torch.cuda.get_device_capability(device) >= (8, 0)
+            and torch.backends.cuda.matmul.fp32_precision == "tf32"
+        )
     else:
         info["name"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
+        info["tf32"] = False
     return info
+
+
+def resolve_sizes(sizes: Sequence[Sequence[int]] | None, device: torch.device) -> list[tuple]:
+    """``sizes`` as (H, W) tuples; ``None``: :data:`GPU_SIZES` on CUDA, :data:`CPU_SIZES`
+    elsewhere. The training step is measured at the middle one unless told otherwise."""
+    return [tuple(s) for s in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))]
+
+
+def _sweep_at(size: tuple, stride_sweep: Sequence[int], train_size: tuple, stride: int) -> list:
+    """The strides timed at ``size``: ``stride_sweep``, plus the training ``stride`` at the
+    training size (the teacher cache fill of :func:`recipe_estimate`) when the sweep lacks it."""
+    strides = list(stride_sweep)
+    if size == train_size and stride not in strides:
+        strides.append(stride)
+    return strides
 
 
 @renamed_arguments(strides="stride_sweep", window_batch="teacher={'batch_size': ...}")
@@ -268,6 +307,7 @@ def measure_speed(
     precisions: Sequence[str] = ("fp32",),
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
     train_batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    train_size: Sequence[int] | None = None,
     warmup: int = 2,
     repeats: int = 5,
     compile_student: bool = False,
@@ -277,10 +317,15 @@ def measure_speed(
 
     ``teacher`` holds the teacher's settings (``configs/teacher``: window, stride, batch_size);
     its stride is replaced by each of ``stride_sweep`` for the teacher table, and used as it is
-    (default 24) for the training step and the low-precision error.
+    (default 24) for the training step and the low-precision error. Those two run at
+    ``train_size``, one of ``sizes`` (default the middle one), where the teacher is also timed at
+    the training stride if ``stride_sweep`` lacks it.
     """
     teacher = {"stride": 24, **(teacher or {})}
-    sizes = [tuple(s) for s in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))]
+    sizes = resolve_sizes(sizes, device)
+    train_size = tuple(train_size) if train_size else sizes[len(sizes) // 2]
+    if train_size not in sizes:
+        raise ValueError(f"train_size {list(train_size)} is not one of sizes {sizes}")
     backbone = backbone.to(device).eval()
     student = torch.compile(backbone) if compile_student else backbone
     results: dict[str, Any] = {"device": device_description(device), "precisions": {}}
@@ -297,7 +342,7 @@ def measure_speed(
                 student, size, device, precision, batch_sizes, warmup, repeats
             )
             teacher_rows = []
-            for stride in stride_sweep:
+            for stride in _sweep_at(size, stride_sweep, train_size, teacher["stride"]):
                 log(f"[{precision}] {name}: teacher stride {stride}")
                 settings = {**teacher, "stride": stride}
                 teacher_rows.append(
@@ -308,18 +353,121 @@ def measure_speed(
                 entry["time_ratio"] = entry["seconds"] / row["student"]["latency_s"]
                 entry["flop_ratio"] = entry["flops"] / row["student"]["flops"]
             section["sizes"][name] = row
-        middle = sizes[len(sizes) // 2]
-        log(f"[{precision}] training step at {middle[0]}x{middle[1]}")
+        log(f"[{precision}] training step at {train_size[0]}x{train_size[1]}")
         section["training"] = {
-            "size": list(middle),
+            "size": list(train_size),
+            "stride": teacher["stride"],
             **time_training_step(
-                backbone, middle, teacher, device, precision, train_batch_sizes, 1, repeats
+                backbone, train_size, teacher, device, precision, train_batch_sizes, 1, repeats
             ),
         }
         if precision != "fp32":
-            section["accuracy"] = low_precision_error(backbone, middle, teacher, device, precision)
+            section["accuracy"] = low_precision_error(
+                backbone, train_size, teacher, device, precision
+            )
         results["precisions"][precision] = section
     return results
+
+
+def recipe_estimate(
+    results: Mapping[str, Any], images: int, epochs: int, precision: str
+) -> dict[str, Any]:
+    """Hours of a training recipe on the measured device, from the rates of ``results`` (as
+    :func:`measure_speed` returns) at ``precision``: filling the teacher cache for ``images``
+    views (teacher seconds per image at the training stride and size) plus ``epochs`` epochs of
+    cached training (the best cached images/s); and, for comparison, ``epochs`` epochs with the
+    online teacher. Every view counts at the training-step size; data loading, disk and the
+    held-out checks are not included.
+    """
+    section = results["precisions"][precision]
+    training = section["training"]
+    size, stride = training["size"], training["stride"]
+    name = f"{size[0]}x{size[1]}"
+    rows = [t for t in section["sizes"].get(name, {}).get("teacher", []) if t["stride"] == stride]
+    if not rows:
+        raise ValueError(f"no teacher measurement at stride {stride} and {name} ({precision})")
+    cached = training["cached_images_per_second"]
+    batch = max(cached, key=cached.get)
+    cache_fill = images * rows[0]["seconds"] / 3600
+    cached_training = epochs * images / cached[batch] / 3600
+    return {
+        "precision": precision,
+        "images": images,
+        "epochs": epochs,
+        "size": list(size),
+        "stride": stride,
+        "teacher_seconds_per_image": rows[0]["seconds"],
+        "cached_batch": int(batch),
+        "cached_images_per_second": cached[batch],
+        "cache_fill_hours": cache_fill,
+        "cached_training_hours": cached_training,
+        "total_hours": cache_fill + cached_training,
+        "online_hours": epochs * images / training["online_images_per_second"] / 3600,
+    }
+
+
+def _inference(model: Callable, images: torch.Tensor, autocast: Autocast) -> Callable[[], Any]:
+    """``model(images)`` without gradients under ``autocast``, as a function of no arguments."""
+
+    def run():
+        with torch.no_grad(), autocast():
+            return model(images)
+
+    return run
+
+
+def profile_table(
+    function: Callable[[], Any], device: torch.device, sort_by: str | None = None
+) -> str:
+    """``torch.profiler`` operator table of one call of ``function()`` (after one call to warm
+    up): the 30 rows with the most ``sort_by`` (default ``cuda_time_total`` on a CUDA device,
+    ``cpu_time_total`` elsewhere)."""
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    function()
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    default = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by or default, row_limit=30)
+
+
+def profile_forwards(
+    backbone: nn.Module,
+    device: torch.device,
+    size: Sequence[int],
+    teacher_settings: Mapping[str, Any],
+    precisions: Sequence[str],
+) -> dict[str, str]:
+    """Profiler tables (:func:`profile_table`) of one student forward at batch 1 and one
+    sliding-window teacher forward (``teacher_settings`` as for
+    :func:`spar.models.build_teacher`) at ``size``, one table per precision: ``{file name:
+    text}``, named ``profile_student_<H>x<W>.txt`` and ``profile_teacher_<H>x<W>_s<stride>.txt``.
+    """
+    backbone = backbone.to(device).eval()
+    teacher = build_teacher(backbone, teacher_settings)
+    image = _images(1, size, device)
+    name, stride = f"{size[0]}x{size[1]}", teacher.stride[0]
+    windows = teacher.num_windows(*size)
+    forwards = {
+        f"profile_student_{name}.txt": ("student, batch 1", backbone),
+        f"profile_teacher_{name}_s{stride}.txt": (
+            f"teacher, stride {stride}, {windows} windows",
+            teacher,
+        ),
+    }
+    where = device_description(device)["name"]
+    texts = {}
+    for file, (what, model) in forwards.items():
+        tables = [
+            f"== {what}, {name}, {precision}, {where}: one forward after one warm-up\n"
+            + profile_table(_inference(model, image, autocast_for(precision, device)), device)
+            for precision in precisions
+        ]
+        texts[file] = "\n\n".join(tables) + "\n"
+    return texts
 
 
 def _percent(tflops: float, peak: float) -> str:
@@ -336,7 +484,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"device: {device['name']} ({device['device']}), torch {device['torch']}"]
     for precision, section in results["precisions"].items():
         peak = section["matmul_peak_tflops"]
-        lines += ["", f"== {precision}: measured matmul peak {peak:.2f} TFLOP/s =="]
+        label = f"{precision} (TF32)" if precision == "fp32" and device.get("tf32") else precision
+        lines += ["", f"== {label}: measured matmul peak {peak:.2f} TFLOP/s =="]
         lines.append(
             f"{'student':<12}{'latency ms':>11}{'TFLOP/s':>9}{'%peak':>7}{'best batch':>11}"
             f"{'img/s':>9}{'TFLOP/s':>9}{'%peak':>7}{'mem GiB':>9}"
@@ -375,7 +524,22 @@ def format_table(results: dict[str, Any]) -> str:
                 f"relative error vs fp32: student {accuracy['student_relative_error']:.2e}, "
                 f"teacher {accuracy['teacher_relative_error']:.2e}"
             )
+        if precision in results.get("recipe", {}):
+            lines.append(format_recipe(results["recipe"][precision]))
     return "\n".join(lines)
+
+
+def format_recipe(recipe: Mapping[str, Any]) -> str:
+    """One line for a :func:`recipe_estimate`."""
+    size = f"{recipe['size'][0]}x{recipe['size'][1]}"
+    return (
+        f"recipe estimate, {recipe['images']} images at {size} x {recipe['epochs']} epochs: "
+        f"teacher cache {recipe['cache_fill_hours']:.2f} h (stride {recipe['stride']}, "
+        f"{recipe['teacher_seconds_per_image']:.3f} s/img) + cached training "
+        f"{recipe['cached_training_hours']:.2f} h (batch {recipe['cached_batch']}, "
+        f"{recipe['cached_images_per_second']:.1f} img/s) = {recipe['total_hours']:.2f} h; "
+        f"online teacher instead {recipe['online_hours']:.2f} h"
+    )
 
 
 def plot_strides(results: dict[str, Any], path: str, precision: str | None = None) -> None:

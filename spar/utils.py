@@ -61,6 +61,30 @@ def autocast_for(precision: str, device: torch.device) -> Autocast:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def configure_matmul_precision(tf32: bool) -> Callable[[], None]:
+    """Let float32 matrix multiplications and cuDNN convolutions use TensorFloat-32 (``tf32``),
+    or keep them in full float32; returns a function that restores the previous settings.
+
+    Matmuls go through ``torch.set_float32_matmul_precision("high" | "highest")``, the call torch
+    recommends (it keeps the per-backend ``fp32_precision`` flags and their getters consistent),
+    convolutions through ``torch.backends.cudnn.conv.fp32_precision`` (``"tf32"`` | ``"ieee"``).
+    Only CUDA GPUs with TF32 (Ampere or newer) change; the flags exist, unused, without CUDA.
+    Process-wide: the scripts call it at start (``tf32`` in their configs); library functions
+    leave the setting as they find it (``spar.speed`` turns TF32 off only around its float32
+    reference, then restores it).
+    """
+    matmul = torch.get_float32_matmul_precision()
+    convolution = torch.backends.cudnn.conv.fp32_precision
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+
+    def restore() -> None:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.conv.fp32_precision = convolution
+
+    return restore
+
+
 class NonFiniteError(FloatingPointError):
     """A tensor that must be finite (teacher map, loss, weights to save) holds NaN or inf."""
 
