@@ -9,7 +9,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
 
 from spar.models import (
     WeightLoadingError,
@@ -195,42 +194,6 @@ def test_siglip2_value_path_is_the_pool_with_a_single_key(tiny_siglip2):
     tokens = torch.randn(3, 1, 64)
     with torch.no_grad():
         torch.testing.assert_close(map_value_path(pool, tokens), pool(tokens)[:, None])
-
-
-def _bicubic_reference(table, source, **size_or_scale):
-    """What both conventions compute: ``F.interpolate`` bicubic without antialiasing."""
-    grid = table.float().reshape(1, *source, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid, mode="bicubic", align_corners=False, antialias=False, **size_or_scale
-    )
-    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("source", "target"),
-    [((14, 14), (20, 11)), ((8, 8), (5, 13)), ((14, 14), (64, 48)), ((7, 5), (1, 30))],
-)
-def test_position_resampling_is_bitwise_the_bicubic_reference(source, target, dtype):
-    table = torch.randn(source[0] * source[1], 24).to(dtype)
-    scale = tuple((t + 0.1) / s for t, s in zip(target, source, strict=True))
-    by_scale = _bicubic_reference(table, source, scale_factor=scale)
-    to_size = _bicubic_reference(table, source, size=target)
-    assert torch.equal(resample_pos_embed_by_scale(table, source, target), by_scale)
-    assert torch.equal(resample_pos_embed_to_size(table, source, target), to_size)
-
-
-def test_siglip2_resamples_to_size_without_antialiasing(tiny_siglip2):
-    pos = tiny_siglip2.trunk.pos_embed.data
-    ours = resample_pos_embed_to_size(pos[0], (8, 8), (5, 13))
-    antialiased = resample_abs_pos_embed(pos, (5, 13), (8, 8), 0, "bicubic", antialias=True)
-    assert not torch.allclose(ours, antialiased[0])
-
-
-def test_native_grid_keeps_the_pretrained_embedding_unchanged():
-    table = torch.randn(196, 8)
-    assert resample_pos_embed_by_scale(table, (14, 14), (14, 14)) is table
-    assert resample_pos_embed_to_size(table, (14, 14), (14, 14)) is table
 
 
 @pytest.mark.parametrize(

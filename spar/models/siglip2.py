@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import Tokenizer
 from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
-from .pos_embed import resample_pos_embed_to_size
+from .pos_embed import ResampledPositions, resample_pos_embed_to_size
 from .registry import BackboneConfig, register_backbone
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -85,6 +85,7 @@ class SigLIP2Backbone(OpenClipBackbone):
             patch_size=trunk.patch_embed.patch_size[0],
             **kwargs,
         )
+        self.positions = ResampledPositions(resample_pos_embed_to_size)
 
     @property
     def trunk(self) -> nn.Module:
@@ -100,8 +101,8 @@ class SigLIP2Backbone(OpenClipBackbone):
         x = trunk.patch_embed.proj(images)
         batch, grid = x.shape[0], tuple(x.shape[-2:])
         x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        pos = resample_pos_embed_to_size(trunk.pos_embed[0], trunk.patch_embed.grid_size, grid)
-        x = trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos.to(x.dtype))))
+        pos = self.positions(trunk.pos_embed[0], trunk.patch_embed.grid_size, grid, x.dtype)
+        x = trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos)))
         x = trunk.norm(trunk.blocks(x))
         x = self.model.visual.head(map_value_path(trunk.attn_pool, x))
         return x.transpose(1, 2).reshape(batch, -1, *grid)
