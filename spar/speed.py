@@ -162,8 +162,9 @@ def time_teacher(
     repeats: int,
 ) -> dict[str, Any]:
     """Sliding-window teacher time per image and its FLOPs (``teacher_settings`` as for
-    :func:`spar.models.build_teacher`)."""
-    teacher = build_teacher(backbone, teacher_settings)
+    :func:`spar.models.build_teacher`), built at ``precision`` as training and evaluation build
+    it (a low-precision weight copy)."""
+    teacher = build_teacher(backbone, teacher_settings, precision)
     stride = teacher.stride[0]
     autocast = autocast_for(precision, device)
     image = _images(1, size, device)
@@ -199,7 +200,7 @@ def time_training_step(
     size buckets give), and with the online teacher (``teacher_map`` first)."""
     student = copy.deepcopy(backbone).train()
     student.set_trainable_blocks("last-2")
-    teacher = build_teacher(backbone, teacher_settings)
+    teacher = build_teacher(backbone, teacher_settings, precision)
     autocast = autocast_for(precision, device)
     # A tiny learning rate keeps the student near its start over the timed steps; the constant
     # schedule makes the number of steps irrelevant.
@@ -248,13 +249,15 @@ def low_precision_error(
     precision: str,
 ) -> dict[str, float]:
     """Relative error of student and teacher maps at ``precision`` against full float32 (TF32
-    off for the reference)."""
-    teacher = build_teacher(backbone, teacher_settings)
+    off for the reference); the teacher at ``precision`` is the one training and evaluation
+    build (a low-precision weight copy)."""
+    reference = build_teacher(backbone, teacher_settings)
+    teacher = build_teacher(backbone, teacher_settings, precision)
     image = _images(1, size, device)
     autocast = autocast_for(precision, device)
     with torch.no_grad():
         with full_float32():
-            student_ref, teacher_ref = backbone(image).float(), teacher(image)
+            student_ref, teacher_ref = backbone(image).float(), reference(image)
         with autocast():
             student, stitched = backbone(image).float(), teacher(image).float()
     return {

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import to_model_input
+from ..utils import module_device
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 TrainableBlocks = str | int | Sequence[int]
@@ -139,7 +140,7 @@ class DenseBackbone(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return module_device(self)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(3, H, W) or (B, 3, H, W) in [0, 1] -> (B, 3, H, W) normalised for this backbone, on its

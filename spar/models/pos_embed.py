@@ -147,8 +147,9 @@ def resample_pos_embed_by_scale(
 def resample_pos_embed_to_size(
     grid_tokens: torch.Tensor, source_grid: Grid, target_grid: Grid
 ) -> torch.Tensor:
-    """Resample to an explicit target size (SigLIP2 convention, timm's resampler without
-    antialiasing); shapes as in :func:`resample_pos_embed_by_scale`."""
+    """Resample to an explicit target size (SigLIP2 convention: what timm's
+    ``resample_abs_pos_embed`` computes without antialiasing); shapes as in
+    :func:`resample_pos_embed_by_scale`."""
     if tuple(target_grid) == tuple(source_grid):
         return grid_tokens
     steps = tuple(s / t for t, s in zip(target_grid, source_grid, strict=True))
