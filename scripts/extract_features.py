@@ -12,7 +12,8 @@ from spar.data import list_images
 from spar.distributed import register_run_id_resolver
 from spar.features import extract_features
 from spar.io import atomic_write_json
-from spar.models import build_teacher, create_backbone
+from spar.models import create_backbone, dense_features
+from spar.models.teacher import check_feature_source
 from spar.utils import resolve_device
 
 register_run_id_resolver()
@@ -22,12 +23,11 @@ register_run_id_resolver()
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(cfg.output) if cfg.output else run_dir / "features"
+    check_feature_source(cfg.features)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
     backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint)
     backbone = backbone.to(resolve_device(cfg.device))
-    if cfg.features not in ("student", "teacher"):
-        raise ValueError(f"features must be 'student' or 'teacher', got {cfg.features!r}")
-    dense = build_teacher(backbone, cfg.teacher) if cfg.features == "teacher" else backbone
+    dense = dense_features(backbone, cfg.features, cfg.teacher)
     images = Path(cfg.images)
     counts = extract_features(
         dense,

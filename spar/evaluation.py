@@ -28,11 +28,10 @@ from .data.images import prepare_image
 from .distributed import DistributedContext, init_distributed
 from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
-from .models import build_teacher, create_backbone
+from .models import create_backbone, dense_features
+from .models.teacher import check_feature_source
 from .segmentation import OpenVocabSegmenter, load_class_names
 from .utils import autocast_for
-
-FEATURE_SOURCES = ("student", "teacher")
 
 
 def prediction_to_png(prediction: torch.Tensor) -> Image.Image:
@@ -161,8 +160,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     check_renamed(config, RENAMED_SETTINGS["eval"], "run_evaluation")
-    if config["features"] not in FEATURE_SOURCES:
-        raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {config['features']!r}")
+    check_feature_source(config["features"])
     context = init_distributed(config.get("device", "auto"))
     data_cfg = config["dataset"]
     dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
@@ -170,11 +168,10 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     backbone = create_backbone(**config["backbone"], checkpoint=config.get("checkpoint"))
     backbone = backbone.to(context.device)
     precision = config.get("precision", "auto")
-    teacher = config["features"] == "teacher"
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
         classes,
-        dense=build_teacher(backbone, config.get("teacher"), precision) if teacher else None,
+        dense=dense_features(backbone, config["features"], config.get("teacher"), precision),
         templates=config.get("templates", "imagenet80"),
         logit_scale=data_cfg["logit_scale"],
         logit_bias=data_cfg.get("logit_bias", 0.0),

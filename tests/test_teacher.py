@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spar.models import SlidingWindowTeacher, WindowLayout
+from spar.models import SlidingWindowTeacher, WindowLayout, dense_features
 from spar.models.teacher import stitch_upsampling_factor, window_offsets
 
 
@@ -269,3 +269,11 @@ def test_padded_last_chunk_matches_the_plain_reference_on_a_transformer(
         expected = reference_stitch(tiny_backbone, images, 96, 24)
         torch.testing.assert_close(teacher(images), expected, rtol=1e-5, atol=1e-5)
     assert set(padding_only_compile) == {5} and teacher.num_windows(150, 200) % 5
+
+
+def test_dense_features_names_the_student_or_the_teacher(patch_average_backbone):
+    assert dense_features(patch_average_backbone, "student") is patch_average_backbone
+    teacher = dense_features(patch_average_backbone, "teacher", {"stride": 32, "window": 64})
+    assert isinstance(teacher, SlidingWindowTeacher) and teacher.stride == (32, 32)
+    with pytest.raises(ValueError, match=r"features must be one of \('student', 'teacher'\)"):
+        dense_features(patch_average_backbone, "single")

@@ -9,7 +9,7 @@ from .registry import (
     list_backbones,
     register_backbone,
 )
-from .teacher import SlidingWindowTeacher, WindowLayout, build_teacher
+from .teacher import SlidingWindowTeacher, WindowLayout, build_teacher, dense_features
 from .weights import WeightLoadingError
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "WindowLayout",
     "backbone_entry",
     "build_teacher",
+    "dense_features",
     "check_images",
     "create_backbone",
     "list_backbones",

@@ -493,3 +493,28 @@ def build_teacher(
         dtype=autocast_dtype(precision, module_device(backbone)),
         copy_backbone=copy_backbone,
     )
+
+
+FEATURE_SOURCES = ("student", "teacher")
+
+
+def check_feature_source(features: str) -> None:
+    """Raise ``ValueError`` unless ``features`` is one of :data:`FEATURE_SOURCES` (callers check
+    before loading a model, so a typo fails at once)."""
+    if features not in FEATURE_SOURCES:
+        raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {features!r}")
+
+
+def dense_features(
+    backbone: nn.Module,
+    features: str,
+    teacher_settings: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
+) -> nn.Module:
+    """The dense-feature source a ``features`` setting names: ``"student"``, the backbone's
+    single pass; ``"teacher"``, :func:`build_teacher` of it (``teacher_settings``,
+    ``precision``)."""
+    check_feature_source(features)
+    if features == "student":
+        return backbone
+    return build_teacher(backbone, teacher_settings, precision)
