@@ -2,6 +2,8 @@
 
 from . import dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
 from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
+from .compiling import compile_backbone, compile_report
+from .pretrained import from_pretrained, save_pretrained
 from .registry import (
     BackboneConfig,
     backbone_entry,
@@ -21,10 +23,14 @@ __all__ = [
     "backbone_entry",
     "build_teacher",
     "dense_features",
+    "from_pretrained",
     "check_images",
+    "compile_backbone",
+    "compile_report",
     "create_backbone",
     "list_backbones",
     "pad_to_patch_multiple",
     "register_backbone",
     "resolve_trainable_blocks",
+    "save_pretrained",
 ]

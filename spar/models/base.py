@@ -89,8 +89,12 @@ def resolve_trainable_blocks(spec: TrainableBlocks, depth: int) -> list[int]:
 class DenseBackbone(nn.Module):
     """Base class: any-resolution dense features plus a text encoder in the same space.
 
-    Subclasses set the attributes below in ``__init__`` and implement ``forward_padded``,
-    ``encode_tokens`` and ``blocks``.
+    Subclasses set the attributes below in ``__init__`` and implement ``embed``,
+    ``run_blocks``, ``encode_tokens`` and ``blocks``. The image forward is ``embed`` (patch
+    embedding and position encoding, whose shapes depend on the patch grid) followed by
+    ``run_blocks`` (transformer blocks and dense head on a token sequence, free of grid
+    arithmetic), the part :func:`spar.models.compiling.compile_backbone` compiles once for every
+    image size.
 
     Attributes:
         patch_size: side of a square patch in pixels.
@@ -100,9 +104,12 @@ class DenseBackbone(nn.Module):
         tokenizer: ``list[str] -> (N, L)`` token ids, injectable for offline use.
         identity: registry name, pretrained weights and options, set by ``create_backbone``
             (``None`` for backbones built directly); recorded in checkpoints.
+        compiled_blocks: the compiled ``run_blocks`` (``None``: eager), set by
+            :func:`spar.models.compiling.compile_backbone`.
     """
 
     identity: dict | None = None
+    compiled_blocks: Callable[..., torch.Tensor] | None = None
 
     patch_size: int
     embed_dim: int
@@ -118,6 +125,19 @@ class DenseBackbone(nn.Module):
 
     def forward_padded(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) with H, W multiples of the patch size -> (B, C, H/p, W/p)."""
+        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
+        run_blocks = self.compiled_blocks or self.run_blocks
+        patches = run_blocks(*self.embed(images))
+        return patches.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """(B, 3, H, W), H and W multiples of p -> the inputs of :meth:`run_blocks`: first the
+        (B, N, D) token sequence (prefix tokens, then the H/p * W/p patches row-major), then any
+        per-grid tensors the blocks need (e.g. rotary embeddings)."""
+        raise NotImplementedError
+
+    def run_blocks(self, tokens: torch.Tensor, *grid_inputs: torch.Tensor | None) -> torch.Tensor:
+        """The outputs of :meth:`embed` -> (B, H/p * W/p, C) dense features of the patches."""
         raise NotImplementedError
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -97,13 +97,24 @@ class DinoV3TxtBackbone(DenseBackbone):
         with attention_backend(self.fused_attention):
             return super().forward(images)
 
-    def forward_padded(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W), H and W multiples of 16 -> (B, width, H/16, W/16)."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W), H and W multiples of 16 -> (B, P + H/16 * W/16, D) tokens (P prefix
+        tokens) and the grid's rotary embedding (``None`` without RoPE), as timm's
+        ``Eva.forward_features`` makes them."""
         trunk = self.model.visual_model.backbone
-        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
-        tokens = self.model.visual_model.head(trunk.forward_features(images))
-        patches = tokens[:, trunk.num_prefix_tokens :]
-        return patches.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+        if getattr(trunk, "rope_mixed", False):
+            raise TypeError("DINOv3.txt trunks with depth-dependent (mixed) RoPE are not supported")
+        tokens, rope = trunk._pos_embed(trunk.patch_embed(images))
+        return trunk.norm_pre(tokens), rope
+
+    def run_blocks(self, tokens: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P + N, D) tokens and rotary embedding -> (B, N, width): the blocks, the final norm
+        and the vision head's patch tokens."""
+        trunk = self.model.visual_model.backbone
+        for block in trunk.blocks:
+            tokens = block(tokens, rope=rope)
+        tokens = self.model.visual_model.head(trunk.norm(tokens))
+        return tokens[:, trunk.num_prefix_tokens :]
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids -> (N, width): the patch-aligned half of the text embedding."""

@@ -129,27 +129,25 @@ class MaskClipBackbone(OpenClipBackbone):
     def blocks(self) -> nn.ModuleList:
         return self.model.visual.transformer.resblocks
 
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W), H and W multiples of p -> (B, 1 + H/p * W/p, D) tokens after ``ln_pre``."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        """(B, 3, H, W), H and W multiples of p -> ((B, 1 + H/p * W/p, D) tokens after
+        ``ln_pre``,)."""
         visual = self.model.visual
         x = visual.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         pos = self.positions(visual.positional_embedding, visual.grid_size, grid, x.dtype)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return visual.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        return (visual.ln_pre(torch.cat([cls, x], dim=1) + pos),)
 
-    def forward_padded(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W), H and W multiples of p -> (B, C, H/p, W/p)."""
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D) -> (B, N, C): the blocks, the last one value-path (MaskCLIP)."""
         visual = self.model.visual
-        batch = images.shape[0]
-        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
-        x = self.embed_patches(images)
+        x = tokens
         for block in self.blocks[:-1]:
             x = residual_block(block, x, batch_first_attention)
         x = maskclip_block(self.blocks[-1], x)
-        x = visual.ln_post(x[:, 1:]) @ visual.proj
-        return x.transpose(1, 2).reshape(batch, -1, *grid)
+        return visual.ln_post(x[:, 1:]) @ visual.proj
 
 
 def _clip_backbone(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .base import DenseBackbone, TrainableBlocks
 from .checkpoint import load_any_checkpoint
+from .compiling import CompileSetting, check_compile_setting, compile_backbone
 
 _DEFAULT = object()  # "use the backbone's default pretrained weights"
 
@@ -96,6 +97,7 @@ def create_backbone(
     *,
     trainable_blocks: TrainableBlocks = "last-2",
     checkpoint: str | Path | None = None,
+    compile: CompileSetting = False,
     **overrides,
 ) -> DenseBackbone:
     """Create a registered backbone, in eval mode.
@@ -110,10 +112,14 @@ def create_backbone(
         checkpoint: a SPAR checkpoint (``.safetensors`` written by training, loaded on top of
             the pretrained weights; it must have been trained for backbone ``name``) or released
             SPAR weights (Lightning ``.ckpt`` or a plain ``model.*`` state dict; whole model).
+        compile: ``torch.compile`` the transformer blocks, once for every image size (see
+            :mod:`spar.models.compiling`): ``False``, ``True``, ``"reduce-overhead"`` or
+            ``"max-autotune"``. Deep copies (a teacher's low-precision copy) run eagerly.
         **overrides: family-specific options (e.g. ``tokenizer=`` for offline text encoding,
             ``width=``/``depth=`` for the tiny models).
     """
     entry = backbone_entry(name)
+    check_compile_setting(compile)
     if pretrained is _DEFAULT:
         pretrained = entry.default_pretrained
     unknown = sorted(set(overrides) - set(entry.options))
@@ -131,7 +137,7 @@ def create_backbone(
     if checkpoint is not None:
         load_any_checkpoint(backbone, checkpoint, expected_name=name)
     backbone.set_trainable_blocks(trainable_blocks)
-    return backbone.eval()
+    return compile_backbone(backbone.eval(), compile)
 
 
 def _is_json(value) -> bool:

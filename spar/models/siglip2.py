@@ -95,17 +95,20 @@ class SigLIP2Backbone(OpenClipBackbone):
     def blocks(self) -> nn.ModuleList:
         return self.trunk.blocks
 
-    def forward_padded(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W), H and W multiples of p -> (B, C, H/p, W/p)."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        """(B, 3, H, W), H and W multiples of p -> ((B, H/p * W/p, D) tokens with positions,)."""
         trunk = self.trunk
         x = trunk.patch_embed.proj(images)
-        batch, grid = x.shape[0], tuple(x.shape[-2:])
+        grid = tuple(x.shape[-2:])
         x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))
         pos = self.positions(trunk.pos_embed[0], trunk.patch_embed.grid_size, grid, x.dtype)
-        x = trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos)))
-        x = trunk.norm(trunk.blocks(x))
-        x = self.model.visual.head(map_value_path(trunk.attn_pool, x))
-        return x.transpose(1, 2).reshape(batch, -1, *grid)
+        return (trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x + pos))),)
+
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, C): the blocks, then the attention pool's value path per token."""
+        trunk = self.trunk
+        x = trunk.norm(trunk.blocks(tokens))
+        return self.model.visual.head(map_value_path(trunk.attn_pool, x))
 
 
 def siglip2(

@@ -33,8 +33,8 @@ from torch import nn
 
 from ..utils import autocast_dtype, module_device
 from .base import check_images, pad_to_patch_multiple
+from .compiling import check_compile_setting, compile_mode
 
-COMPILE_MODES = ("reduce-overhead", "max-autotune")
 FREE_MEMORY_FRACTION = 0.8  # of the free CUDA memory that window batches may take
 PROBE_WINDOWS = 4  # windows run to measure the memory of one window (CUDA)
 
@@ -314,16 +314,16 @@ class SlidingWindowTeacher(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-        if not (isinstance(compile, bool) or compile in COMPILE_MODES):
-            raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}: {compile!r}")
+        check_compile_setting(compile)
         self.batch_size = batch_size
         self.dtype = dtype
         self.window_copy = low_precision_copy(backbone, dtype, copy_backbone)
         self.compile_mode = compile
         self._compiled = None
         if compile:
-            mode = None if compile is True else compile
-            self._compiled = torch.compile(self.window_model.forward, mode=mode, dynamic=False)
+            self._compiled = torch.compile(
+                self.window_model.forward, mode=compile_mode(compile), dynamic=False
+            )
         self._window_bytes: dict[tuple[int, int], int] = {}
         self._chunk_sizes: dict[tuple[int, int], int] = {}
 

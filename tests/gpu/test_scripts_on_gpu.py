@@ -161,6 +161,7 @@ def test_segment_script(tmp_path, device_name, teacher):
         "classes=[sky,'person, astronaut',rocket,'smoke, cloud']",
         "bounds=[160,128]",
         f"show_teacher={str(teacher).lower()}",
+        f"compile={str(not teacher).lower()}",  # the student alone runs compiled (inductor)
         "teacher.window=96",
         "teacher.stride=32",
         "templates=single",
@@ -168,6 +169,7 @@ def test_segment_script(tmp_path, device_name, teacher):
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert "wrote" in result.stdout
+    assert ("compile=True:" in result.stdout) == (not teacher)
     height, width = resize_to_fit(load_image(image), (160, 128)).shape[-2:]
     columns = 2 if teacher else 1
     with Image.open(tmp_path / "run" / "rocket_segmentation.png") as picture:
@@ -185,6 +187,7 @@ def test_extract_features_script(tmp_path, scene_images, device_name, features, 
         f"images={scene_images}",
         f"output={out}",
         f"features={features}",
+        f"compile={str(features == 'student').lower()}",
         "teacher.window=96",
         "bounds=[160,128]",
         f"device={device_name}",
@@ -193,6 +196,7 @@ def test_extract_features_script(tmp_path, scene_images, device_name, features, 
     assert "3 written, 0 kept, 0 skipped" in result.stdout
     summary = json.loads((tmp_path / "run" / "features_summary.json").read_text())
     assert (summary["written"], summary["kept"], summary["skipped"]) == (3, 0, 0)
+    assert (summary["compile"] is not None) == (features == "student")
     files = sorted(out.glob("*.safetensors"))
     assert [f.stem for f in files] == sorted(p.stem for p in scene_images.glob("*.jpg"))
     for path in files:
