@@ -1,0 +1,175 @@
+"""The refinement stages from configuration (``configs/refine``, ``configs/upsample``).
+
+``refine``: ``{name: none | lposs | lposs_plus, affinity: {model, weights, options}, window,
+stride, short_side, k, gamma, sigma, alpha, tol, max_iter, neighbourhood, tau, lab_scale,
+batch_size, knn_block}``. ``upsample``: ``{name: bilinear | anyup, weights, chunk_size,
+precision}``. ``weights`` is ``hub`` (the published weights, downloaded once into the hub
+cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no code runs), or
+``null`` (random weights: for timing the stages, never for results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.weights import load_state_dict_strict, read_state_dict
+from .anyup import RELEASE_URL, AnyUp
+from .lposs import LPOSS, AffinityBackbone
+from .upsample import AnyUpUpsampler
+
+REFINE_NAMES = ("none", "lposs", "lposs_plus")
+UPSAMPLE_NAMES = ("bilinear", "anyup")
+HUB = "hub"
+_LPOSS_SETTINGS = (
+    "window",
+    "stride",
+    "short_side",
+    "k",
+    "gamma",
+    "sigma",
+    "alpha",
+    "tol",
+    "max_iter",
+    "neighbourhood",
+    "tau",
+    "lab_scale",
+    "batch_size",
+    "knn_block",
+)
+
+
+def _name(settings: Mapping[str, Any] | None, key: str, names: tuple[str, ...]) -> str:
+    name = (settings or {}).get("name", names[0])
+    if name not in names:
+        raise ValueError(f"unknown {key}.name {name!r}; use one of {', '.join(names)}")
+    return name
+
+
+def _local_weights(value: Any, key: str) -> Path | None:
+    """The local weight file named by setting ``key`` (``None`` for ``hub`` or random weights);
+    a clear error naming the file and the key when it does not exist."""
+    if value in (None, HUB):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"refinement weights not found: {path} (config key {key}); give an existing file or "
+            f"{key}={HUB} to download the published weights"
+        )
+    return path
+
+
+def check_stage_settings(
+    refine: Mapping[str, Any] | None, upsample: Mapping[str, Any] | None
+) -> None:
+    """Validate the stage names and that every local weight file exists, before any long work.
+
+    Raises:
+        ValueError: an unknown stage name or setting.
+        FileNotFoundError: a weight file is missing (the message names it and its config key).
+    """
+    if _name(refine, "refine", REFINE_NAMES) != "none":
+        unknown = sorted(set(refine) - {"name", "affinity", *_LPOSS_SETTINGS})
+        if unknown:
+            raise ValueError(f"unknown refine setting(s) {', '.join(unknown)}")
+        _local_weights(refine.get("affinity", {}).get("weights"), "refine.affinity.weights")
+    if _name(upsample, "upsample", UPSAMPLE_NAMES) == "anyup":
+        unknown = sorted(set(upsample) - {"name", "weights", "chunk_size", "precision"})
+        if unknown:
+            raise ValueError(f"unknown upsample setting(s) {', '.join(unknown)}")
+        _local_weights(upsample.get("weights"), "upsample.weights")
+
+
+def _hub_file_for_timm(model: nn.Module) -> Path:
+    """The published weights of a timm model, from the Hugging Face hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    repo = model.pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        raise ValueError(
+            "this timm model has no hub weights; set refine.affinity.weights to a file"
+        )
+    return Path(hf_hub_download(repo, "model.safetensors"))
+
+
+def _hub_file_for_url(url: str) -> Path:
+    """``url`` downloaded once into torch's hub cache (``<hub dir>/checkpoints``)."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    return target
+
+
+def build_affinity_backbone(settings: Mapping[str, Any]) -> AffinityBackbone:
+    """``{model: timm name, weights: hub | file, options: timm kwargs}`` -> the backbone."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    weights = settings.get("weights", HUB)
+    path = _local_weights(weights, "refine.affinity.weights")
+    model = timm.create_model(
+        settings["model"],
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        **dict(settings.get("options") or {}),
+    )
+    if weights is None:
+        return AffinityBackbone(model)  # random weights (timing only)
+    path = path or _hub_file_for_timm(model)
+    state = read_state_dict(path)
+    if set(state) != set(model.state_dict()):
+        state = checkpoint_filter_fn(state, model)  # e.g. the original DINO key layout
+    load_state_dict_strict(model, state, f"{path} (refine.affinity.weights)")
+    return AffinityBackbone(model)
+
+
+def build_refiner(
+    settings: Mapping[str, Any] | None, device: torch.device | str = "cpu"
+) -> LPOSS | None:
+    """The ``refine`` stage on ``device`` (``None`` for ``none``)."""
+    name = _name(settings, "refine", REFINE_NAMES)
+    if name == "none":
+        return None
+    check_stage_settings(settings, None)
+    options = {key: settings[key] for key in _LPOSS_SETTINGS if key in settings}
+    affinity = build_affinity_backbone(settings["affinity"])
+    return LPOSS(affinity, pixel_refine=name == "lposs_plus", **options).to(device)
+
+
+def load_anyup(weights: str | Path | None = HUB, chunk_size: int = 16384) -> AnyUp:
+    """AnyUp with the released multi-backbone weights (``hub``) or a local file, loaded
+    strictly (``None``: random weights, for timing only)."""
+    model = AnyUp(chunk_size=chunk_size)
+    if weights is None:
+        return model
+    path = _local_weights(weights, "upsample.weights") or _hub_file_for_url(RELEASE_URL)
+    load_state_dict_strict(model, read_state_dict(path), f"{path} (upsample.weights)")
+    return model
+
+
+def build_upsampler(
+    settings: Mapping[str, Any] | None, device: torch.device | str = "cpu"
+) -> AnyUpUpsampler | None:
+    """The ``upsample`` stage on ``device`` (``None`` for ``bilinear``)."""
+    if _name(settings, "upsample", UPSAMPLE_NAMES) == "bilinear":
+        return None
+    model = load_anyup(settings.get("weights", HUB), settings.get("chunk_size", 16384))
+    return AnyUpUpsampler(model, settings.get("precision", "auto")).to(device)
+
+
+def build_stages(config: Mapping[str, Any], device: torch.device | str = "cpu") -> dict:
+    """``{"refiner": ..., "upsampler": ...}`` for :class:`~spar.segmentation.OpenVocabSegmenter`
+    from a config's ``refine`` and ``upsample`` sections (both optional)."""
+    refine, upsample = config.get("refine"), config.get("upsample")
+    check_stage_settings(refine, upsample)
+    return {
+        "refiner": build_refiner(refine, device),
+        "upsampler": build_upsampler(upsample, device),
+    }
