@@ -2,13 +2,15 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+# Optional extras installed with spar: EXTRAS=dev,app adds Gradio (the page and its browser test).
+EXTRAS ?= dev
 
-.PHONY: install demo test test-fast test-gpu lint clean
+.PHONY: install demo app test test-fast test-gpu lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,9 +22,17 @@ demo: install
 	$(PY) scripts/demo.py checkpoint=$(DEMO_DIR)/train/checkpoints/best.safetensors \
 		hydra.run.dir=$(DEMO_DIR)/pictures
 
+# The interactive page on http://127.0.0.1:7860, with the app extra (Gradio) installed first.
+$(VENV)/.installed-app: $(VENV)/.installed
+	$(PY) -m pip install -e ".[app]"
+	touch $@
+
+app: $(VENV)/.installed-app
+	$(PY) scripts/app.py
+
 lint: install
-	$(PY) -m ruff check spar scripts tests
-	$(PY) -m ruff format --check spar scripts tests
+	$(PY) -m ruff check spar scripts tests examples
+	$(PY) -m ruff format --check spar scripts tests examples
 
 test: lint
 	$(PY) -m pytest -q

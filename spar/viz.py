@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,18 @@ from .config import renamed_arguments
 from .data.images import prepare_image
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
+
+#: Pixel size of the legend and title text. Pillow's scalable default font (FreeType) is used:
+#: its 10 px default, like the old bitmap font, leaves a one- or two-pixel space between words,
+#: so "SPAR student" read as "SPARstudent".
+FONT_SIZE = 13
+
+
+@functools.lru_cache(maxsize=4)
+def caption_font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font at ``size`` pixels (needs Pillow built with FreeType, as
+    its wheels are)."""
+    return ImageFont.load_default(size=size)
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -66,8 +79,8 @@ def overlay(
 
 
 def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
-    font = ImageFont.load_default()
-    row = 16
+    font = caption_font()
+    row = FONT_SIZE + 5
     legend_width = 12 + max((int(font.getlength(name)) for name, _ in entries), default=0) + 24
     height = max(picture.height, row * len(entries) + 8)
     canvas = Image.new("RGB", (picture.width + legend_width, height), "white")
@@ -119,8 +132,8 @@ def side_by_side(
     pictures: Sequence[Image.Image], titles: Sequence[str], gap: int = 8
 ) -> Image.Image:
     """Place pictures left to right with a title above each."""
-    font = ImageFont.load_default()
-    title_height = 18
+    font = caption_font()
+    title_height = FONT_SIZE + 5  # the text is drawn 2 px down; descenders end above
     width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
     height = max(p.height for p in pictures) + title_height
     canvas = Image.new("RGB", (width, height), "white")
@@ -160,6 +173,8 @@ def segmentation_picture(
     logit_scale: float = 40.0,
     prob_threshold: float | None = None,
     area_threshold: float | None = None,
+    refiner: nn.Module | None = None,
+    upsampler: nn.Module | None = None,
 ) -> tuple[Image.Image, torch.Tensor]:
     """Segment one image with class names; returns (overlay with a legend, (H, W) class mask).
 
@@ -170,6 +185,7 @@ def segmentation_picture(
         classes: class entries, each a name or synonyms (``"person, pedestrian"``).
         dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
         templates: prompt templates (a set name of ``spar.segmentation.TEMPLATE_SETS``).
+        refiner, upsampler: optional refinement stages (``spar.refine.build_stages``).
     """
     pixels, inputs = _prepared(backbone, image, bounds)
     segmenter = OpenVocabSegmenter.from_backbone(
@@ -180,6 +196,8 @@ def segmentation_picture(
         logit_scale=logit_scale,
         prob_threshold=prob_threshold,
         area_threshold=area_threshold,
+        refiner=refiner,
+        upsampler=upsampler,
     )
     mask = segmenter.predict(inputs)[0].cpu()
     names = [synonyms[0] for synonyms in parse_classes(classes)]

@@ -34,6 +34,9 @@ PRETRAINED_FORMAT = "spar-pretrained-v1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+#: Options naming files on the saving machine (base weights, a tokenizer vocabulary): not
+#: needed to load the folder, which holds the whole model, so not saved (file names are noted).
+LOCAL_FILE_OPTIONS = ("backbone_weights", "weights", "bpe_path")
 
 
 def trained_blocks(backbone: nn.Module) -> list[int]:
@@ -146,11 +149,14 @@ def save_pretrained(
     for key, tensor in state.items():
         if tensor.is_floating_point():
             check_finite(tensor, f"{key}, to be saved in {folder / WEIGHTS_NAME},")
+    options = identity.get("options") or {}
+    local_files = {k: Path(str(v)).name for k, v in options.items() if k in LOCAL_FILE_OPTIONS}
     config = {
         "format": PRETRAINED_FORMAT,
         "backbone": identity["name"],
-        "options": identity.get("options") or {},
+        "options": {k: v for k, v in options.items() if k not in LOCAL_FILE_OPTIONS},
         "base_weights": identity.get("pretrained"),
+        "base_files": local_files,
         "trainable_blocks": trained_blocks(backbone),
         "training": _read_summary(summary),
     }
