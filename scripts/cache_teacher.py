@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spar.config import reject_renamed_overrides
+from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distill import fill_cache, fill_heldout_cache, prepare
 from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
@@ -19,6 +19,7 @@ register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     configure_matmul_precision(cfg.tf32)
     with distributed_job():

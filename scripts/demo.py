@@ -4,14 +4,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from spar.config import report_user_errors
 from spar.data import list_images
+from spar.data.images import set_max_image_pixels
 from spar.demo import SAMPLE_IMAGES, compare_teacher_student
 from spar.models import build_teacher, create_backbone
 from spar.utils import resolve_device
 
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
+    set_max_image_pixels(cfg.max_image_pixels)
     device = resolve_device(cfg.device)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
     backbone = create_backbone(**backbone_cfg).to(device)

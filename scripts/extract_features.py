@@ -7,12 +7,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from spar.config import reject_renamed_overrides
+from spar.config import reject_renamed_overrides, report_user_errors
 from spar.data import list_images
+from spar.data.images import set_max_image_pixels
 from spar.distributed import register_run_id_resolver
 from spar.features import extract_features
 from spar.io import atomic_write_json
-from spar.models import create_backbone, dense_features
+from spar.models import compile_report, create_backbone, dense_features
+from spar.models.compiling import check_compile_target, describe_compile_report
 from spar.models.teacher import check_feature_source
 from spar.utils import resolve_device
 
@@ -20,12 +22,18 @@ register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="extract_features", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(cfg.output) if cfg.output else run_dir / "features"
     check_feature_source(cfg.features)
+    set_max_image_pixels(cfg.max_image_pixels)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
-    backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint)
+    backbone = create_backbone(
+        **backbone_cfg,
+        checkpoint=cfg.checkpoint,
+        compile=check_compile_target(cfg.compile, cfg.features),
+    )
     backbone = backbone.to(resolve_device(cfg.device))
     dense = dense_features(backbone, cfg.features, cfg.teacher)
     images = Path(cfg.images)
@@ -45,11 +53,15 @@ def main(cfg: DictConfig) -> None:
         },
         overwrite=cfg.overwrite,
     )
-    atomic_write_json(run_dir / "features_summary.json", {**counts, "output": str(out_dir)})
+    report = compile_report(backbone)
+    summary = {**counts, "output": str(out_dir), "compile": report}
+    atomic_write_json(run_dir / "features_summary.json", summary)
     print(
         f"{counts['written']} written, {counts['kept']} kept, {counts['skipped']} skipped "
         f"-> {out_dir}"
     )
+    if report is not None:
+        print(describe_compile_report(report))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from spar.config import reject_renamed_overrides
+from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distributed import register_run_id_resolver
 from spar.io import atomic_write_bytes, atomic_write_json
 from spar.models import create_backbone
 from spar.speed import (
+    format_stage_table,
     format_table,
     measure_speed,
+    measure_stages,
     plot_strides,
     profile_forwards,
     recipe_estimate,
     resolve_sizes,
+    stage_combinations,
 )
 from spar.utils import configure_matmul_precision, resolve_device
 
@@ -30,6 +33,7 @@ register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="speed", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     configure_matmul_precision(cfg.tf32)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -50,16 +54,30 @@ def main(cfg: DictConfig) -> None:
         train_size=recipe["size"],
         warmup=config["warmup"],
         repeats=config["repeats"],
-        compile_student=config["compile"],
+        compile=config["compile"],
     )
     results["recipe"] = {
         precision: recipe_estimate(results, recipe["images"], recipe["epochs"], precision)
         for precision in precisions
     }
     results["config"] = config
+    stages = stage_combinations(config["refine"], config["upsample"])
+    if len(stages) > 1:
+        results["stages"] = measure_stages(
+            backbone,
+            device,
+            stages,
+            sizes=config["stage_sizes"] or config["sizes"],
+            precisions=precisions,
+            num_classes=config["stage_classes"],
+            warmup=config["warmup"],
+            repeats=config["repeats"],
+        )
     atomic_write_json(out_dir / "speed_results.json", results)
     plot_strides(results, out_dir / "speed_strides.png")
     print(format_table(results))
+    if "stages" in results:
+        print(format_stage_table(results["stages"]))
     print(f"results in {out_dir}/speed_results.json and speed_strides.png")
     if config["profile"]:
         sizes = resolve_sizes(config["sizes"], device)

@@ -9,15 +9,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spar.config import reject_renamed_overrides
+from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distill import run_distillation
 from spar.distributed import distributed_job, is_main_process, register_run_id_resolver
+from spar.models.compiling import describe_compile_report
 from spar.utils import configure_matmul_precision
 
 register_run_id_resolver()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     configure_matmul_precision(cfg.tf32)
     out_dir = HydraConfig.get().runtime.output_dir
@@ -35,6 +37,8 @@ def main(cfg: DictConfig) -> None:
             f"cos {row['cos_before']:.4f} -> {row['cos_after']:.4f} ({row['images']} images)"
         )
     print(f"checkpoint {summary['checkpoint']}; summary in {out_dir}/train_summary.json")
+    if summary["compile"] is not None:
+        print(describe_compile_report(summary["compile"]))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ check its keys too, so a notebook's hand-written dict gets the same message.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +45,33 @@ RENAMED_SETTINGS: dict[str, dict[str, str]] = {
 
 class RenamedSettingError(ValueError):
     """A setting was given under a name it no longer has; the message gives the new one."""
+
+
+class SettingError(ValueError):
+    """A setting has a value it cannot take; the message names the key and the value."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(ok: bool, key: str, value: Any, what: str) -> None:
+    """Raise :class:`SettingError` ``"<key> must be <what>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise SettingError(f"{key} must be {what}, got {value!r}")
+
+
+def require_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    """The setting ``key`` is an integer >= ``minimum`` (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    what = f"an integer >= {minimum}" + (" or null" if optional else "")
+    require(_is_int(value) and value >= minimum, key, value, what)
+
+
+def require_bool(key: str, value: Any) -> None:
+    """The setting ``key`` is ``true`` or ``false``."""
+    require(isinstance(value, bool), key, value, "true or false")
 
 
 def _override_key(override: str) -> str:
@@ -92,6 +122,58 @@ def reject_renamed_overrides(overrides: Sequence[str], script: str) -> None:
         check_renamed(overrides, RENAMED_SETTINGS.get(script, {}), f"scripts/{script}.py")
     except RenamedSettingError as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def _user_error_types() -> tuple[type[Exception], ...]:
+    # Imported here: spar.data and spar.models import this module.
+    from .data.benchmarks import LabelError
+    from .distill.run_log import RunFolderError
+    from .models.weights import WeightLoadingError
+
+    return (
+        FileNotFoundError,
+        RenamedSettingError,
+        SettingError,
+        WeightLoadingError,
+        LabelError,
+        RunFolderError,
+    )
+
+
+def report_user_errors(main: F) -> F:
+    """Decorate a script's ``main`` (under ``@hydra.main``): a user error (a missing file or
+    folder, e.g. a dataset root; a weight file that does not fit; a renamed setting; a bad label
+    file) ends the script with ``error: <message>`` on stderr and exit status 1 instead of a
+    traceback. ``HYDRA_FULL_ERROR=1`` shows the traceback, as for Hydra's own errors."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except _user_error_types() as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"error: {error}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def used_config_groups() -> str:
+    """For ``--help`` (``configs/hydra/help/spar.yaml``): one ``group: option, option`` line per
+    config group the running script's config uses; Hydra's own list names every folder of
+    configs/, e.g. ``dataset`` under ``scripts/train.py``, which does not use it."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    loader = GlobalHydra.instance().config_loader()
+    groups = sorted(g for g in HydraConfig.get().runtime.choices if g.split("/")[0] != "hydra")
+    return "\n".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}" for g in groups)
+
+
+# Registered on import: Hydra resolves the help template before a script's main() runs, and
+# every script imports spar.config through the library.
+if not OmegaConf.has_resolver("spar_config_groups"):
+    OmegaConf.register_new_resolver("spar_config_groups", used_config_groups)
 
 
 def renamed_arguments(**renamed: str) -> Callable[[F], F]:

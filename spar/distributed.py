@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -126,14 +127,18 @@ def shutdown_distributed() -> None:
 
 
 def run_id() -> str:
-    """A name for this run's output directory that every torchrun rank agrees on.
+    """A name for this run's output directory, unique per run, that every torchrun rank agrees on.
 
-    A timestamp for a single process; under torchrun the rendezvous run id, which is the same on
-    every rank (a timestamp could differ by a second between ranks and split the outputs).
+    A single process: the time to the second plus 6 random hex digits (two runs started in the
+    same second get different folders). Under torchrun: the date plus the rendezvous run id,
+    which is the same on every rank (a timestamp could differ by a second between ranks and
+    split the outputs); a rendezvous id reused on the same day gives the same name, and the
+    training run then refuses the folder (``spar.distill.run_log.RunFolder``) rather than mix two
+    runs.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         return f"{time.strftime('%Y-%m-%d')}_torchrun-{os.environ['TORCHELASTIC_RUN_ID'][:8]}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
 def register_run_id_resolver() -> None:

@@ -21,17 +21,20 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch.utils.data import Subset
 
-from .config import RENAMED_SETTINGS, check_renamed
-from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark
-from .data.images import prepare_image
+from .config import RENAMED_SETTINGS, check_renamed, require, require_bool, require_int
+from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark, check_split
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, set_max_image_pixels
 from .distributed import DistributedContext, init_distributed
 from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
-from .models import create_backbone, dense_features
+from .models import compile_report, create_backbone, dense_features
+from .models.compiling import check_compile_target
 from .models.teacher import check_feature_source
+from .refine import build_stages, check_stage_settings
 from .segmentation import OpenVocabSegmenter, load_class_names
-from .utils import autocast_for
+from .utils import PRECISIONS, autocast_for
 
 
 def prediction_to_png(prediction: torch.Tensor) -> Image.Image:
@@ -45,6 +48,89 @@ def read_prediction_png(path: str | Path) -> np.ndarray:
     """(H, W) int64 class indices from a PNG written by :func:`prediction_to_png`."""
     with Image.open(path) as image:
         return np.asarray(image, dtype=np.int64)
+
+
+class PerImageResults:
+    """Per-image scores written as the evaluation goes: one JSON line per image in
+    ``path`` (``per_image.jsonl``; ``per_image.rank<r>.jsonl`` under torchrun), so a crash keeps
+    every image scored so far, and a re-run into the same folder with the same settings
+    resumes from them.
+
+    Each line holds ``name``, and either ``skipped`` (why) or ``pixels`` (counted), ``correct``
+    and ``confusion``: the image's non-zero confusion-matrix cells as ``[label, predicted,
+    count]``. The first line of each file is ``{"signature": ...}``; files written with another
+    signature (other settings) are refused, never mixed.
+
+    Args:
+        folder: where the files go.
+        signature: what the scores depend on (the resolved config without its speed settings).
+        context: rank (each rank appends to its own file; all files are read to resume).
+    """
+
+    def __init__(self, folder: str | Path, signature: Any, context: DistributedContext) -> None:
+        self.folder = Path(folder)
+        self.signature = json.loads(json.dumps(signature, sort_keys=True, default=str))
+        name = (
+            f"per_image.rank{context.rank}.jsonl" if context.is_distributed else "per_image.jsonl"
+        )
+        self.path = self.folder / name
+        self.done: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.folder.glob("per_image*.jsonl")):
+            self.done.update(self._read(path))
+
+    def _read(self, path: Path) -> dict[str, dict[str, Any]]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = {}
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines) - 1:  # the last line, cut short by a crash
+                    continue
+                raise ValueError(f"{path}: line {number + 1} is not JSON") from None
+            if number == 0:
+                if record.get("signature") != self.signature:
+                    raise ValueError(
+                        f"{path} holds per-image scores of other settings; evaluate into a new "
+                        "folder (the default run folder is unique) or remove it"
+                    )
+                continue
+            records[record["name"]] = record
+        return records
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one image's record (flushed, so a crash keeps it)."""
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:
+            if new:
+                file.write(json.dumps({"signature": self.signature}, sort_keys=True) + "\n")
+            elif not _ends_with_newline(self.path):
+                file.write("\n")  # after a line cut short by a crash
+            file.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def scored(name: str, confusion: torch.Tensor) -> dict[str, Any]:
+        """The record of an image scored with the (K, K) ``confusion`` of its pixels alone."""
+        cells = confusion.nonzero().tolist()
+        return {
+            "name": name,
+            "pixels": int(confusion.sum()),
+            "correct": int(confusion.diagonal().sum()),
+            "confusion": [[t, p, int(confusion[t, p])] for t, p in cells],
+        }
+
+    @staticmethod
+    def add_to(metric: MeanIoU, record: dict[str, Any]) -> None:
+        """Add a stored image's confusion cells to ``metric``."""
+        for target, predicted, count in record["confusion"]:
+            metric.confusion[target, predicted] += count
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as file:
+        file.seek(-1, 2)
+        return file.read(1) == b"\n"
 
 
 def evaluate_benchmark(
@@ -61,6 +147,7 @@ def evaluate_benchmark(
     context: DistributedContext | None = None,
     num_workers: int = 0,
     show_progress: bool = True,
+    per_image: PerImageResults | None = None,
 ) -> dict[str, Any]:
     """Score ``segmenter`` on ``dataset``; returns the results (percentages).
 
@@ -74,11 +161,14 @@ def evaluate_benchmark(
             (class indices, 0 = first class of the class-name file).
         context: under torchrun, each rank takes every N-th image and the confusion matrices
             are summed.
+        per_image: where each image's scores are written as it is scored; the images it
+            already holds are not evaluated again, their stored scores count instead.
 
     Returns:
         ``miou``, ``aacc``, ``macc`` (percent), ``per_class_iou`` (name -> percent or None when
         the class is absent from labels and predictions), ``num_images``, ``skipped_images``,
-        ``skipped_files``, ``seconds``, ``images_per_second``.
+        ``skipped_files``, ``seconds``, ``images_per_second`` (of the images scored in this
+        call), ``resumed_images`` (scores read from ``per_image``).
     """
     context = context or DistributedContext()
     device = torch.device(device)
@@ -89,25 +179,48 @@ def evaluate_benchmark(
         )
     names = list(class_names or [str(i) for i in range(dataset.num_classes)])
     metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
-    loader = context.shard_loader(dataset, num_workers, pin_memory=device.type == "cuda")
-    skipped, evaluated = [], 0
+    done = per_image.done if per_image is not None else {}
+    skipped, evaluated, resumed = [], 0, 0
+    if context.is_main:  # stored scores count once, on rank 0
+        for record in done.values():
+            if "skipped" in record:
+                skipped.append(record["image_path"])
+            else:
+                PerImageResults.add_to(metric, record)
+                resumed += 1
+    remaining = [i for i, sample in enumerate(dataset.samples) if sample.name not in done]
+    loader = context.shard_loader(
+        Subset(dataset, remaining), num_workers, pin_memory=device.type == "cuda"
+    )
     start = time.perf_counter()
     progress = context.progress(loader, show_progress, desc=dataset.spec.name, unit="img")
     for item in progress:
         if item["skipped"] is not None:
             warnings.warn(f"skipping {item['image_path']}: {item['skipped']}", stacklevel=2)
             skipped.append(item["image_path"])
+            if per_image is not None:
+                per_image.write(
+                    {
+                        "name": item["name"],
+                        "image_path": item["image_path"],
+                        "skipped": item["skipped"],
+                    }
+                )
             continue
         label = item["label"]
         _, inputs = prepare_image(item["image"], bounds, mean, std, device)
         with torch.no_grad(), autocast():
             prediction = segmenter.predict(inputs, output_size=tuple(label.shape))[0].cpu()
-        metric.update(prediction, label)
+        image_metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
+        image_metric.update(prediction, label)
+        metric.merge(image_metric)
         evaluated += 1
         if predictions_dir is not None:
             atomic_save_image(
                 Path(predictions_dir) / f"{item['name']}.png", prediction_to_png(prediction)
             )
+        if per_image is not None:
+            per_image.write(PerImageResults.scored(item["name"], image_metric.confusion))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -115,7 +228,7 @@ def evaluate_benchmark(
         confusion = metric.confusion.to(context.device if device.type == "cuda" else "cpu")
         dist.all_reduce(confusion)
         metric.confusion.copy_(confusion.cpu())
-        evaluated = int(context.all_reduce_sum([evaluated])[0])
+        evaluated, resumed = (int(n) for n in context.all_reduce_sum([evaluated, resumed]))
         skipped = context.union(skipped)
     scores = metric.compute()
     return {
@@ -126,7 +239,8 @@ def evaluate_benchmark(
             name: None if np.isnan(value) else 100 * float(value)
             for name, value in zip(names, scores.per_class_iou.tolist(), strict=True)
         },
-        "num_images": evaluated,
+        "num_images": evaluated + resumed,
+        "resumed_images": resumed,
         "skipped_images": len(skipped),
         "skipped_files": sorted(skipped),
         "seconds": seconds,
@@ -161,11 +275,20 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     check_renamed(config, RENAMED_SETTINGS["eval"], "run_evaluation")
     check_feature_source(config["features"])
+    check_stage_settings(config.get("refine"), config.get("upsample"))
+    check_eval_settings(config)
+    set_max_image_pixels(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     context = init_distributed(config.get("device", "auto"))
     data_cfg = config["dataset"]
     dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
+    check_split(dataset)  # the whole split's layout, before any model is built
+    per_image = PerImageResults(Path(out_dir), _signature(config), context)
     classes = load_class_names(data_cfg.get("class_names") or dataset.spec.class_file)
-    backbone = create_backbone(**config["backbone"], checkpoint=config.get("checkpoint"))
+    backbone = create_backbone(
+        **config["backbone"],
+        checkpoint=config.get("checkpoint"),
+        compile=check_compile_target(config.get("compile", False), config["features"]),
+    )
     backbone = backbone.to(context.device)
     precision = config.get("precision", "auto")
     segmenter = OpenVocabSegmenter.from_backbone(
@@ -177,6 +300,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         logit_bias=data_cfg.get("logit_bias", 0.0),
         prob_threshold=data_cfg.get("prob_threshold"),
         area_threshold=data_cfg.get("area_threshold"),
+        **build_stages(config, context.device),
     )
     out_dir = Path(out_dir)
     results = evaluate_benchmark(
@@ -192,12 +316,38 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         context=context,
         num_workers=config.get("num_workers", 0),
         show_progress=config.get("show_progress", True),
+        per_image=per_image,
     )
     results = {"dataset": dataset.spec.name, "features": config["features"], **results}
+    results["compile"] = compile_report(backbone)
     results["config"] = config
     if context.is_main:
         atomic_write_json(out_dir / "eval_results.json", results)
     return results
+
+
+def check_eval_settings(config: dict[str, Any]) -> None:
+    """Check the values ``run_evaluation`` reads besides the model and the stages, before any
+    long work; errors (:class:`~spar.config.SettingError`) name the key and the value."""
+    bounds = config["dataset"].get("bounds")
+    require(
+        isinstance(bounds, list | tuple)
+        and len(bounds) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds),
+        "dataset.bounds",
+        bounds,
+        "a [long, short] pair of positive integers",
+    )
+    precision = config.get("precision", "auto")
+    require(precision in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
+    require_int("num_workers", config.get("num_workers", 0), 0)
+    require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
+    require_bool("save_predictions", config.get("save_predictions", False))
+
+
+def _signature(config: dict[str, Any]) -> dict[str, Any]:
+    """What per-image scores depend on: the config without the settings of speed and display."""
+    return {k: v for k, v in config.items() if k not in ("num_workers", "show_progress")}
 
 
 def _row_label(results: dict[str, Any]) -> str:

@@ -194,6 +194,12 @@ class OpenVocabSegmenter(nn.Module):
             image's pixels become class 0.
         templates: prompt templates for the text ensemble: a set name (``"imagenet80"``, the
             paper's; ``"single"``) or callables ``name -> prompt``.
+        refiner: optional label propagation (:class:`spar.refine.LPOSS`, LPOSS or LPOSS+):
+            the per-name cosines are propagated before the logit scale. ``None``: none.
+        upsampler: optional learned feature upsampling (:class:`spar.refine.AnyUpUpsampler`):
+            features are upsampled to the image guided by it, instead of bilinear logits; with
+            a ``refiner`` it brings each window's propagated scores to the window's pixels.
+            Both stages need ``dense`` to carry ``mean``/``std`` (its input normalisation).
     """
 
     @renamed_arguments(features="dense")
@@ -207,11 +213,19 @@ class OpenVocabSegmenter(nn.Module):
         prob_threshold: float | None = None,
         area_threshold: float | None = None,
         templates: str | Sequence[Template] = "imagenet80",
+        refiner: nn.Module | None = None,
+        upsampler: nn.Module | None = None,
     ) -> None:
         super().__init__()
         _check_fraction(prob_threshold, "prob_threshold")
         _check_fraction(area_threshold, "area_threshold")
+        if (refiner is not None or upsampler is not None) and not all(
+            hasattr(dense, name) for name in ("mean", "std")
+        ):
+            raise ValueError("refine/upsample stages need a dense source with mean and std")
         self.dense = dense
+        self.refiner = refiner
+        self.upsampler = upsampler
         self.class_names = parse_classes(classes)
         embeddings, name_to_class = build_text_classifier(encode_text, classes, templates)
         self.register_buffer("text_embeddings", embeddings, persistent=False)
@@ -256,8 +270,12 @@ class OpenVocabSegmenter(nn.Module):
             (B, N_names, H_out, W_out) float32 ``logit_scale * cos + logit_bias``, bilinearly
             upsampled (``align_corners=False``) from the feature grid; where the backbone padded
             the image to a multiple of its patch size, the padding is cropped away first.
+            With stages, ``cos`` is per pixel of the image through the upsampler and/or the
+            propagated cosine of the refiner, resized bilinearly to (H_out, W_out).
         """
         size = _resolve_size(images, output_size)
+        if self.refiner is not None or self.upsampler is not None:
+            return self._staged_logits(images, size)
         features = self._unit_features(images)
         with _without_autocast(features.device):  # bf16 cosines would flip near ties
             cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
@@ -266,6 +284,49 @@ class OpenVocabSegmenter(nn.Module):
             if tuple(logits.shape[-2:]) == tuple(size):
                 return logits
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _staged_logits(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """:meth:`name_logits` through the refine/upsample stages: (B, N_names, *size)."""
+        mean = torch.tensor(self.dense.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.dense.std, device=images.device).view(1, 3, 1, 1)
+        pixels = images.float() * std + mean
+        patch = getattr(self.dense, "patch_size", None)
+        if self.refiner is not None:
+            to_pixels = None
+            if self.upsampler is not None:
+
+                def to_pixels(window_pixels, features, scores):
+                    return self.upsampler(window_pixels, features, scores, patch)
+
+            cosine = self.refiner(
+                pixels,
+                features=lambda windows: self._dense_features(
+                    ((windows - mean) / std).to(images.dtype)
+                ),
+                classify=self._cosine,
+                to_pixels=to_pixels,
+                patch_size=patch or 16,
+            )
+        else:
+            cosine = self.upsampler(
+                pixels, self._dense_features(images), patch_size=patch, project=self._row_cosine
+            )
+        with _without_autocast(cosine.device):
+            logits = self.logit_scale * cosine.float() + self.logit_bias
+            if tuple(logits.shape[-2:]) == tuple(size):
+                return logits
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features -> (B, N_names, h, w) float32 cosines with the names."""
+        with _without_autocast(features.device):
+            unit = F.normalize(features.float(), dim=1)
+            return torch.einsum("bchw,nc->bnhw", unit, self.text_embeddings.float())
+
+    def _row_cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) feature rows -> (B, n, N_names) float32 cosines with the names."""
+        with _without_autocast(features.device):
+            return F.normalize(features.float(), dim=-1) @ self.text_embeddings.float().T
 
     def _crop_padding(self, logits: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         """Drop the part of the grid that covers the backbone's bottom/right padding.
@@ -340,6 +401,10 @@ class OpenVocabSegmenter(nn.Module):
 
     def _unit_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) float32 features, unit norm along C."""
+        return F.normalize(self._dense_features(images), dim=1)
+
+    def _dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) float32 features of ``dense``, checked against C."""
         features = self.dense(images)
         channels = self.text_embeddings.shape[1]
         if features.ndim != 4 or features.shape[:2] != (images.shape[0], channels):
@@ -347,7 +412,7 @@ class OpenVocabSegmenter(nn.Module):
                 f"dense must return (B={images.shape[0]}, C={channels}, h, w) to match the "
                 f"text embeddings, got shape {tuple(features.shape)}"
             )
-        return F.normalize(features.float(), dim=1)
+        return features.float()
 
     def _drop_small_classes(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, H, W) long -> same, classes covering < ``area_threshold`` of an image set to 0."""

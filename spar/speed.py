@@ -27,7 +27,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import renamed_arguments
 from .distill import OptimSettings, StudentOptimizer, teacher_map
 from .io import atomic_save_image
-from .models import build_teacher
+from .models import build_teacher, compile_backbone, compile_report
+from .models.compiling import CompileSetting, describe_compile_report
+from .refine import build_stages
+from .segmentation import OpenVocabSegmenter
 from .utils import Autocast, autocast_dtype, autocast_for, configure_matmul_precision
 
 GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
@@ -299,7 +302,11 @@ def _sweep_at(size: tuple, stride_sweep: Sequence[int], train_size: tuple, strid
     return strides
 
 
-@renamed_arguments(strides="stride_sweep", window_batch="teacher={'batch_size': ...}")
+@renamed_arguments(
+    strides="stride_sweep",
+    window_batch="teacher={'batch_size': ...}",
+    compile_student="compile",
+)
 def measure_speed(
     backbone: nn.Module,
     device: torch.device,
@@ -313,7 +320,7 @@ def measure_speed(
     train_size: Sequence[int] | None = None,
     warmup: int = 2,
     repeats: int = 5,
-    compile_student: bool = False,
+    compile: CompileSetting = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every measurement for one backbone on one device; see the module docstring.
@@ -322,7 +329,9 @@ def measure_speed(
     its stride is replaced by each of ``stride_sweep`` for the teacher table, and used as it is
     (default 24) for the training step and the low-precision error. Those two run at
     ``train_size``, one of ``sizes`` (default the middle one), where the teacher is also timed at
-    the training stride if ``stride_sweep`` lacks it.
+    the training stride if ``stride_sweep`` lacks it. ``compile`` times a compiled copy of the
+    student (:func:`spar.models.compile_backbone`; the teacher and the training step stay
+    eager) and reports its first-call (compile) times under ``"compile"``.
     """
     teacher = {"stride": 24, **(teacher or {})}
     sizes = resolve_sizes(sizes, device)
@@ -330,7 +339,7 @@ def measure_speed(
     if train_size not in sizes:
         raise ValueError(f"train_size {list(train_size)} is not one of sizes {sizes}")
     backbone = backbone.to(device).eval()
-    student = torch.compile(backbone) if compile_student else backbone
+    student = compile_backbone(copy.deepcopy(backbone), compile) if compile else backbone
     results: dict[str, Any] = {"device": device_description(device), "precisions": {}}
     for precision in precisions:
         dtype = autocast_dtype(precision, device) or torch.float32
@@ -369,6 +378,7 @@ def measure_speed(
                 backbone, train_size, teacher, device, precision
             )
         results["precisions"][precision] = section
+    results["compile"] = compile_report(student)
     return results
 
 
@@ -485,6 +495,8 @@ def format_table(results: dict[str, Any]) -> str:
     """The benchmark as plain-text tables (one block per precision)."""
     device = results["device"]
     lines = [f"device: {device['name']} ({device['device']}), torch {device['torch']}"]
+    if results.get("compile"):
+        lines.append(f"student {describe_compile_report(results['compile'])}")
     for precision, section in results["precisions"].items():
         peak = section["matmul_peak_tflops"]
         label = f"{precision} (TF32)" if precision == "fp32" and device.get("tf32") else precision
@@ -588,3 +600,84 @@ def plot_strides(results: dict[str, Any], path: str, precision: str | None = Non
             draw.line([x, y, x + 6, y], fill=colour, width=2)
         draw.text((width - margin + 4, points[-1][1] - 6), name, fill=colour, font=font)
     atomic_save_image(path, canvas)
+
+
+# -- refinement stages ---------------------------------------------------------------------------
+
+
+def stage_combinations(
+    refine: Mapping[str, Any] | None, upsample: Mapping[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """The stage settings timed by :func:`measure_stages`: the plain segmenter (``bilinear``),
+    then ``refine`` alone, ``upsample`` alone and both, for those that are switched on.
+
+    Returns ``{row label: {"refine": ..., "upsample": ...}}`` (configs/refine, configs/upsample).
+    """
+    plain_refine, plain_upsample = {"name": "none"}, {"name": "bilinear"}
+    rows = {"bilinear": {"refine": plain_refine, "upsample": plain_upsample}}
+    refine_on = bool(refine) and refine.get("name", "none") != "none"
+    upsample_on = bool(upsample) and upsample.get("name", "bilinear") != "bilinear"
+    if refine_on:
+        rows[refine["name"]] = {"refine": refine, "upsample": plain_upsample}
+    if upsample_on:
+        rows[upsample["name"]] = {"refine": plain_refine, "upsample": upsample}
+    if refine_on and upsample_on:
+        rows[f"{refine['name']}+{upsample['name']}"] = {"refine": refine, "upsample": upsample}
+    return rows
+
+
+def measure_stages(
+    backbone: nn.Module,
+    device: torch.device,
+    stages: Mapping[str, Mapping[str, Any]],
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    num_classes: int = 21,
+    warmup: int = 1,
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Seconds and peak memory of the segmenter's scores (``name_logits``, one image, after the
+    text embeddings are built) with each refinement-stage setting of ``stages`` (e.g.
+    :func:`stage_combinations`), at every size, with ``num_classes`` class names.
+
+    Returns ``{precision: {row label: {"HxW": {"seconds", "peak_memory_bytes"}}}}``
+    (``peak_memory_bytes`` is ``None`` on CPU).
+    """
+    backbone = backbone.to(device).eval()
+    classes = [f"class {index}" for index in range(num_classes)]
+    results: dict[str, Any] = {}
+    for precision in precisions:
+        autocast = autocast_for(precision, device)
+        section = results.setdefault(precision, {})
+        for label, settings in stages.items():
+            segmenter = OpenVocabSegmenter.from_backbone(
+                backbone, classes, templates="single", **build_stages(settings, device)
+            )
+            rows = section.setdefault(label, {})
+            for size in resolve_sizes(sizes, device):
+                log(f"[{precision}] {size[0]}x{size[1]}: stage {label}")
+                run = _inference(segmenter.name_logits, _images(1, size, device), autocast)
+                timing = time_call(run, device, warmup, repeats)
+                rows[f"{size[0]}x{size[1]}"] = {
+                    "seconds": timing["median_s"],
+                    "peak_memory_bytes": peak_memory(run, device),
+                }
+    return results
+
+
+def format_stage_table(results: Mapping[str, Any]) -> str:
+    """:func:`measure_stages` results as one block per precision: a row per stage, seconds and
+    peak memory (GiB) per size."""
+    lines = []
+    for precision, section in results.items():
+        sizes = list(next(iter(section.values()), {}))
+        lines += ["", f"== refinement stages, {precision}: s/img (peak GiB) =="]
+        lines.append(f"{'stage':<22}" + "".join(f"{size:>22}" for size in sizes))
+        for label, rows in section.items():
+            cells = [
+                f"{rows[s]['seconds']:.3f} ({_memory(rows[s]['peak_memory_bytes'])})" for s in sizes
+            ]
+            lines.append(f"{label:<22}" + "".join(f"{cell:>22}" for cell in cells))
+    return "\n".join(lines)

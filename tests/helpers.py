@@ -8,8 +8,10 @@ import types
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from spar.data.benchmarks import SegmentationBenchmark
 from spar.distill import run_distillation
@@ -229,3 +231,97 @@ def register_fake_lightning(monkeypatch) -> None:
         name = ".".join(parts[:depth])
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules[LightningAttributeDict.__module__].AttributeDict = LightningAttributeDict
+
+
+def anyup_official_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the authors' ``anyup_multi_backbone.pth``, as their public
+    model code (``anyup/model.py``, ``layers/``) defines them: qk_dim 128, 4 heads, 5x5 bases."""
+    dim = 128
+
+    def residual(prefix: str) -> dict[str, tuple[int, ...]]:
+        return {
+            f"{prefix}.block.0.weight": (dim,),
+            f"{prefix}.block.0.bias": (dim,),
+            f"{prefix}.block.2.weight": (dim, dim, 1, 1),
+            f"{prefix}.block.3.weight": (dim,),
+            f"{prefix}.block.3.bias": (dim,),
+            f"{prefix}.block.5.weight": (dim, dim, 1, 1),
+        }
+
+    first_layers = {
+        "image_encoder.0.weight": (dim, 3, 1, 1),
+        "key_encoder.0.weight": (dim, dim, 1, 1),
+        "query_encoder.0.weight": (dim, dim, 1, 1),
+        "key_features_encoder.0.basis": (dim, 1, 5, 5),
+        "aggregation.0.weight": (dim, 2 * dim, 3, 3),
+    }
+    shapes = {}
+    for name, shape in first_layers.items():
+        encoder = name.split(".")[0]
+        shapes[name] = shape
+        shapes.update(residual(f"{encoder}.1"))
+        shapes.update(residual(f"{encoder}.2"))
+    attention = "cross_decode.cross_attn"
+    shapes.update(
+        {
+            f"{attention}.norm_q.weight": (dim,),
+            f"{attention}.norm_k.weight": (dim,),
+            f"{attention}.attention.in_proj_weight": (3 * dim, dim),
+            f"{attention}.attention.in_proj_bias": (3 * dim,),
+            f"{attention}.attention.out_proj.weight": (dim, dim),
+            f"{attention}.attention.out_proj.bias": (dim,),
+            "cross_decode.conv2d.weight": (dim, dim, 3, 3),
+            "rope.freqs": (2, dim),
+        }
+    )
+    return shapes
+
+
+def write_anyup_file(path: Path, seed: int = 0) -> Path:
+    """A ``torch.save`` file with AnyUp's official parameter names and shapes, random values."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        name: 0.1 * torch.randn(shape, generator=generator)
+        for name, shape in anyup_official_shapes().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+# A tiny timm ViT in place of DINO ViT-B/16 as LPOSS's affinity backbone.
+TINY_AFFINITY = {"model": "vit_tiny_patch16_224", "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def write_tiny_affinity(path: Path, seed: int = 0) -> Path:
+    """The weights of :data:`TINY_AFFINITY` (random, seeded) as a ``.safetensors`` file."""
+    import timm  # only the refinement tests need it
+
+    torch.manual_seed(seed)
+    options = {k: v for k, v in TINY_AFFINITY.items() if k != "model"}
+    model = timm.create_model(TINY_AFFINITY["model"], num_classes=0, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def refine_overrides(tmp_path: Path, refine: str = "lposs_plus", upsample: str = "anyup") -> list:
+    """Hydra overrides for ``refine``/``upsample`` on tiny random weights written under
+    ``tmp_path``, with windows and neighbourhoods small enough for a quick CPU run."""
+    overrides = [f"refine={refine}", f"upsample={upsample}"]
+    if refine != "none":
+        options = ",".join(f"{k}:{v}" for k, v in TINY_AFFINITY.items() if k != "model")
+        overrides += [
+            f"refine.affinity.model={TINY_AFFINITY['model']}",
+            f"refine.affinity.weights={write_tiny_affinity(tmp_path / 'affinity.safetensors')}",
+            f"refine.affinity.options={{{options}}}",
+            "refine.window=48",
+            "refine.stride=32",
+            "refine.short_side=null",
+            "refine.max_iter=20",
+        ]
+        if refine == "lposs_plus":
+            overrides.append("refine.neighbourhood=5")
+    if upsample == "anyup":
+        overrides += [f"upsample.weights={write_anyup_file(tmp_path / 'anyup.pth')}"]
+    return overrides

@@ -43,7 +43,8 @@ def write_images(folder, count=3, size=(96, 128), corrupt=()):
 
 @pytest.fixture
 def teacher(tiny_backbone):
-    return SlidingWindowTeacher(tiny_backbone, window=64, stride=24, batch_size=8)
+    # A copy: the targets freeze their teacher, and the shared backbone must stay as it is.
+    return SlidingWindowTeacher(copy.deepcopy(tiny_backbone), window=64, stride=24, batch_size=8)
 
 
 def make_views(paths, root, targets, **kwargs):
@@ -258,3 +259,64 @@ def test_no_warning_for_good_entries(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.load("56" * 32, (2, 2, 2)) is not None
+
+
+def _header_end(path):
+    import struct
+
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+@pytest.mark.parametrize("where", ["data", "description", "checksum"])
+def test_flipped_bytes_fail_the_checksum_and_are_named(tmp_path, where):
+    cache = TeacherFeatureCache(tmp_path)
+    key = "9a" * 32
+    path = cache.save(key, torch.randn(4, 3, 3), {"view": "a description"})
+    data = bytearray(path.read_bytes())
+    if where == "data":
+        positions = range(_header_end(path), len(data), 7)  # several data bytes
+    else:
+        text = data[8 : _header_end(path)].decode()
+        marker = "a description" if where == "description" else '"checksum":"'
+        positions = [8 + text.index(marker) + len(marker) + (0 if where == "checksum" else -3)]
+    for position in positions:
+        data[position] ^= 0x04
+    path.write_bytes(bytes(data))
+    assert cache.has(key, (4, 3, 3))  # the header still parses: found when the data is read
+    with pytest.warns(UserWarning, match=f"{path.name} is damaged"):
+        assert cache.load(key, (4, 3, 3)) is None
+
+
+def test_an_entry_without_a_checksum_is_not_trusted(tmp_path):
+    from safetensors.torch import save_file
+
+    cache = TeacherFeatureCache(tmp_path)
+    key = "7b" * 32
+    cache.path(key).parent.mkdir(parents=True)
+    save_file(
+        {"features": torch.zeros(2, 2, 2, dtype=torch.float16)},
+        str(cache.path(key)),
+        metadata={"key": key, "description": "{}"},
+    )
+    with pytest.warns(UserWarning, match="without a checksum"):
+        assert not cache.has(key, (2, 2, 2), warn=True)
+    with pytest.warns(UserWarning, match="without a checksum"):
+        assert cache.load(key, (2, 2, 2)) is None
+
+
+def test_fill_reports_bad_headers_by_name_and_recomputed_maps_equal_stored_ones(tmp_path, teacher):
+    paths = write_images(tmp_path / "imgs", count=2)
+    cache = TeacherFeatureCache(tmp_path / "cache")
+    targets = cached_targets(teacher, tmp_path / "imgs", cache)
+    views = make_views(paths, tmp_path / "imgs", targets)
+    targets.fill(views, DistributedContext(), show_progress=False)
+    item = views[0]
+    entry = cache.path(item["key"].name)
+    stored = cache.load(item["key"].name, targets.shape_for(item["plan"].output))
+    entry.write_bytes(entry.read_bytes()[:-10])  # truncated
+    with pytest.warns(UserWarning, match=entry.name):
+        stats = targets.fill(views, DistributedContext(), show_progress=False)
+    assert (stats["computed"], stats["reused"]) == (1, 1)
+    recomputed = targets.compute(item["image"], item["key"], "a view")
+    assert recomputed.dtype == torch.float32  # the stored float16 values, as float32
+    assert torch.equal(recomputed, stored.float())

@@ -324,8 +324,11 @@ def test_bad_cache_entries_are_recomputed_by_fill_and_by_the_step(tmp_path):
         )
     features[0, 0, 0] = float("nan")
     cache.save(key, features, description)  # well-formed header, non-finite values
-    with pytest.warns(UserWarning, match="non-finite"):
+    with pytest.warns(UserWarning) as caught:
         second, _ = small_run(tmp_path, "second", "trainer.epochs=1", images=images)
+    messages = [str(w.message) for w in caught]
+    assert any(garbage.name in m and "unreadable" in m for m in messages), messages
+    assert any(poisoned.name in m and "non-finite" in m for m in messages), messages
     assert second["cache"]["computed"] == 1  # the garbage file, caught by the header check
     repaired = cache.load(key, tuple(features.shape))
     assert repaired is not None and torch.isfinite(repaired).all()

@@ -9,6 +9,7 @@ keep the file's values.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import load_image
+from .images import image_size, load_image
 
 IGNORE_INDEX = 255
+LABEL_MODES = ("P", "L", "I", "I;16")  # single-channel modes a label PNG may have
 CLASS_FILES = Path(__file__).resolve().parents[1] / "assets" / "classes"
 
 
@@ -215,7 +217,7 @@ def load_label(path: Path, spec: BenchmarkSpec) -> torch.Tensor:
     if not path.is_file():
         raise DatasetLayoutError(f"{spec.name}: label file {path} not found")
     with Image.open(path) as image:
-        if image.mode not in ("P", "L", "I", "I;16"):
+        if image.mode not in LABEL_MODES:
             raise LabelError(f"{path}: label maps must be single-channel, got mode {image.mode}")
         raw = np.asarray(image)
     return convert_label(raw, spec, path)
@@ -239,7 +241,8 @@ class SegmentationBenchmark(Dataset):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetLayoutError(
-                f"{name}: dataset root {self.root} not found; expected layout: {self.spec.layout}"
+                f"{name}: dataset root {self.root} not found; pass dataset.root=<folder> (in "
+                f"Python: root=); expected layout: {self.spec.layout}"
             )
         self.split = split or self.spec.default_split
         self.samples = self.spec.find_samples(self.root, self.split)
@@ -267,3 +270,55 @@ class SegmentationBenchmark(Dataset):
             )
         item["image"], item["label"] = image, label
         return item
+
+
+def check_split(dataset: SegmentationBenchmark, sampled: int = 16, seed: int = 0) -> list[str]:
+    """Check a split's layout up front, cheaply: every label file exists, is single-channel and
+    has its image's size (file headers only), and the values of ``sampled`` label maps (seeded
+    choice; all when the split is smaller) lie in the dataset's classes.
+
+    Returns the images whose header cannot be read (they are skipped and counted by the
+    evaluation, like undecodable images). Raises :class:`LabelError` (or
+    :class:`DatasetLayoutError` for missing label files) listing the first problems and their
+    count, before any model runs.
+    """
+    problems, missing, unreadable = [], [], []
+    for sample in dataset.samples:
+        if not sample.label.is_file():
+            missing.append(str(sample.label))
+            continue
+        try:
+            size = image_size(sample.image)
+        except (ValueError, OSError) as error:
+            unreadable.append(f"{sample.image}: {error}")
+            continue
+        try:
+            with Image.open(sample.label) as label:
+                mode, (width, height) = label.mode, label.size
+        except OSError as error:
+            problems.append(f"{sample.label}: unreadable ({error})")
+            continue
+        if mode not in LABEL_MODES:
+            problems.append(f"{sample.label}: label maps must be single-channel, got mode {mode}")
+        elif (height, width) != size:
+            problems.append(
+                f"{sample.label}: label size {(height, width)} differs from its image "
+                f"{sample.image} {size}"
+            )
+    if missing:
+        raise DatasetLayoutError(_listing(f"{dataset.spec.name}: label files not found", missing))
+    chosen = random.Random(seed).sample(dataset.samples, min(sampled, len(dataset.samples)))
+    for sample in chosen:
+        try:
+            load_label(sample.label, dataset.spec)
+        except LabelError as error:
+            if str(error) not in problems:
+                problems.append(str(error))
+    if problems:
+        raise LabelError(_listing(f"{dataset.spec.name} ({dataset.root})", problems))
+    return unreadable
+
+
+def _listing(title: str, problems: list[str], shown: int = 10) -> str:
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{title}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:shown]) + more

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,20 +30,101 @@ def list_images(root: str | Path) -> list[Path]:
     return paths
 
 
+#: Images with more pixels than this are not decoded (see :func:`set_max_image_pixels`):
+#: 100 megapixels, e.g. 10000x10000, far above any training or benchmark image.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+_max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageTooLargeError(ValueError):
+    """An image file declares more pixels than the ``max_image_pixels`` setting allows."""
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Set the ``max_image_pixels`` setting of this process: :func:`load_image` skips (raises
+    :class:`ImageTooLargeError`, which every reader counts as an unreadable image) any file
+    whose header declares more pixels, before decoding it. ``None``: no limit of spar's own
+    (Pillow still refuses decompression bombs above ``2 * PIL.Image.MAX_IMAGE_PIXELS``).
+
+    Entry points set it from their config (``max_image_pixels``); data-loading workers, forked
+    from the process, inherit it.
+    """
+    global _max_image_pixels
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_image_pixels must be an integer >= 1 or null, got {limit!r}")
+    _max_image_pixels = limit
+
+
+def max_image_pixels() -> int | None:
+    """The current ``max_image_pixels`` setting (see :func:`set_max_image_pixels`)."""
+    return _max_image_pixels
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """``Image.open(path)`` (header only) after the size check; errors name the file."""
+    try:
+        with warnings.catch_warnings():  # spar's own limit below replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"image {path} is a decompression bomb: {error}") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+    width, height = image.size
+    if _max_image_pixels is not None and width * height > _max_image_pixels:
+        image.close()
+        raise ImageTooLargeError(
+            f"image {path} has {width}x{height} = {width * height} pixels, above "
+            f"max_image_pixels={_max_image_pixels}; skipped without decoding it"
+        )
+    return image
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels.
+
+    Raises ``ValueError`` naming the file when it cannot be read or is above the limit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with _open_checked(path) as image:
+        width, height = image.size
+    return height, width
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] of any Pillow mode; 16-bit modes are scaled by 65535."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.float32)
+        grey = np.clip(grey / 65535.0, 0.0, 1.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1] (RGB).
 
-    Raises ``ValueError`` naming the file when it cannot be decoded.
+    8-bit images are divided by 255, 16-bit ones (PNG ``I;16``) by 65535; grey images are
+    repeated over the three channels.
+
+    Raises ``ValueError`` naming the file when it cannot be decoded, and
+    :class:`ImageTooLargeError` (a ``ValueError``) when it declares more pixels than the
+    ``max_image_pixels`` setting (:func:`set_max_image_pixels`); it is not decoded then.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with _open_checked(path) as image:
+            array = _to_rgb_array(image)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
 def resize_to_fit(image: torch.Tensor, bounds: Sequence[int] = (2048, 672)) -> torch.Tensor:

@@ -3,18 +3,24 @@
 Every entry is named by the SHA-256 of a JSON *key* describing everything its content depends
 on: the teacher (a digest of its weights, window, stride, patch size), the image file (path
 relative to the data root, byte size, modification time) and the augmentation plan. A different
-backbone, stride, window or augmentation therefore never finds a stale entry. The key is stored
-again inside the file and checked on read, together with the shape and the values, so a corrupt,
-truncated or mismatched file is reported and recomputed, never trusted.
+backbone, stride, window or augmentation therefore never finds a stale entry.
 
-Files are written to a temporary name and renamed into place, so an interrupted caching run leaves
-only complete entries behind and simply resumes.
+Every read is verified: the key is stored again inside the file, and a checksum
+(:func:`entry_checksum`: BLAKE2b of the key, the description, the dtype, the shape and every
+data byte) is stored in its header. A missing, truncated, bit-flipped (data or header), mis-keyed,
+mis-shaped or non-finite entry is never used: it is reported with a warning naming the file and
+the caller recomputes and overwrites it.
+
+Files are written to a temporary name and renamed into place (``spar.io.atomic_path``), so an
+interrupted caching run leaves only complete entries behind and simply resumes; temporary files
+of killed writers are removed when a cache is opened.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,10 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_path
+from ..io import atomic_path, remove_orphan_temporaries
 
-CACHE_FORMAT = 1
+# 2: entries carry a checksum (format 1 entries have different keys and are never read).
+CACHE_FORMAT = 2
 FEATURES = "features"
+MISSING = "missing"
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -38,6 +46,17 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def entry_checksum(key: str, description: str, tensor: torch.Tensor) -> str:
+    """Hex BLAKE2b of an entry's key, description (JSON text), dtype, shape and data bytes:
+    the one checksum written with and verified against every cache entry."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{key}|{description}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    if tensor.numel():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -80,63 +99,78 @@ def entry_key(teacher: dict[str, Any], image: dict[str, Any], view: dict[str, An
 class TeacherFeatureCache:
     """Teacher maps on disk under ``root``: ``<root>/<key[:2]>/<key>.safetensors``.
 
-    Each file holds one (C, h, w) float16 tensor named ``features`` and metadata with the key
-    and its JSON description.
+    Each file holds one (C, h, w) float16 tensor named ``features`` and metadata with the key,
+    its JSON description and the entry's checksum. Opening a cache removes the temporary files
+    that killed writers left under ``root`` (``spar.io.remove_orphan_temporaries``; files of
+    live writers, e.g. another job sharing the cache, are kept).
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.removed_temporaries = remove_orphan_temporaries(self.root, time.time())
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def has(self, key: str, shape: tuple[int, int, int]) -> bool:
-        """True when a well-formed entry of ``shape`` exists (header check only, no data read)."""
-        return self._check_header(key, shape) is None
+    def has(self, key: str, shape: tuple[int, int, int], *, warn: bool = False) -> bool:
+        """True when an entry of ``shape`` with a sound header exists (key, tensor name, shape,
+        checksum present); the data bytes are not read (:meth:`load` verifies them). With
+        ``warn``, a present but bad entry is reported like :meth:`load` does."""
+        problem = self._read(key, shape, data=False)[1]
+        if warn:
+            self._report(key, problem)
+        return problem is None
 
-    def _check_header(self, key: str, shape: tuple[int, int, int]) -> str | None:
-        """None if the entry's header fits, otherwise the reason it does not."""
+    def _read(
+        self, key: str, shape: tuple[int, int, int], *, data: bool = True
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """(the entry's tensor, None) when it is sound, otherwise (None, why not); without
+        ``data`` only the header is checked (and no tensor is returned)."""
         path = self.path(key)
         if not path.is_file():
-            return "missing"
+            return None, MISSING
         try:
             with safe_open(str(path), framework="pt") as file:
                 metadata = file.metadata() or {}
                 if metadata.get("key") != key:
-                    return f"key {metadata.get('key')!r} differs from its file name"
+                    return None, f"key {metadata.get('key')!r} differs from its file name"
                 if list(file.keys()) != [FEATURES]:
-                    return f"tensors {list(file.keys())}, expected [{FEATURES!r}]"
+                    return None, f"tensors {list(file.keys())}, expected [{FEATURES!r}]"
                 stored = tuple(file.get_slice(FEATURES).get_shape())
+                if stored != tuple(shape):
+                    return None, f"shape {stored}, expected {tuple(shape)}"
+                if "checksum" not in metadata:
+                    return None, "without a checksum"
+                if not data:
+                    return None, None
+                # A private copy: the tensor is read from a memory map of the file, and what is
+                # verified must be what is used, whatever happens to the file afterwards.
+                features = file.get_tensor(FEATURES).clone()
         except Exception as error:  # noqa: BLE001 - any unreadable file is a bad entry
-            return f"unreadable ({error})"
-        if stored != tuple(shape):
-            return f"shape {stored}, expected {tuple(shape)}"
-        return None
+            return None, f"unreadable ({error})"
+        expected = entry_checksum(key, metadata.get("description", ""), features)
+        if metadata["checksum"] != expected:
+            return None, "damaged (its checksum does not match its content)"
+        if not torch.isfinite(features).all():
+            return None, "non-finite values"
+        return features, None
+
+    def _report(self, key: str, problem: str | None) -> None:
+        if problem is not None and problem != MISSING:
+            warnings.warn(
+                f"teacher cache entry {self.path(key)} is {problem}; recomputing it", stacklevel=3
+            )
 
     def load(self, key: str, shape: tuple[int, int, int]) -> torch.Tensor | None:
         """The (C, h, w) float16 map of ``key``, or ``None`` when missing or not trustworthy.
 
-        A present but bad entry (wrong key or shape, unreadable, non-finite values) is reported
-        with a warning naming the file; the caller recomputes and overwrites it.
+        A present but bad entry (wrong key or shape, unreadable, truncated, checksum mismatch,
+        non-finite values) is reported with a warning naming the file; the caller recomputes
+        and overwrites it.
         """
-        problem = self._check_header(key, shape)
-        if problem == "missing":
-            return None
-        features = None
-        if problem is None:
-            try:
-                with safe_open(str(self.path(key)), framework="pt") as file:
-                    features = file.get_tensor(FEATURES)
-            except Exception as error:  # noqa: BLE001
-                problem = f"unreadable ({error})"
-        if features is not None and not torch.isfinite(features).all():
-            problem, features = "non-finite values", None
-        if problem is not None:
-            warnings.warn(
-                f"teacher cache entry {self.path(key)} is {problem}; recomputing it", stacklevel=2
-            )
-            return None
+        features, problem = self._read(key, shape)
+        self._report(key, problem)
         return features
 
     def save(self, key: str, features: torch.Tensor, description: dict[str, Any]) -> Path:
@@ -145,7 +179,8 @@ class TeacherFeatureCache:
             raise ValueError(f"teacher features must be (C, h, w), got {tuple(features.shape)}")
         path = self.path(key)
         tensor = features.detach().to("cpu", torch.float16).contiguous()
-        metadata = {"key": key, "description": json.dumps(description, sort_keys=True)}
+        text = json.dumps(description, sort_keys=True)
+        metadata = {"key": key, "description": text, "checksum": entry_checksum(key, text, tensor)}
         with atomic_path(path) as temporary:
             save_file({FEATURES: tensor}, str(temporary), metadata=metadata)
         return path

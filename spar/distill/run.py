@@ -18,16 +18,18 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from ..config import RENAMED_SETTINGS, check_renamed
-from ..data.images import list_images
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, list_images, set_max_image_pixels
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
 from ..models import build_teacher, create_backbone
+from ..models.compiling import compile_report
 from ..utils import autocast_for
 from .augment import AugmentationRecipe
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, build_heldout_sets
-from .settings import OptimSettings, TrainerSettings
+from .run_log import RunFolder
+from .settings import OptimSettings, TrainerSettings, check_training_config
 from .targets import TeacherTargets
 from .trainer import Distiller
 
@@ -54,6 +56,8 @@ class DistillationSetup:
     split: ImageSplit
     root: Path
     views: DistillationViews
+    optim: OptimSettings
+    trainer: TrainerSettings
 
 
 def image_root(data: dict[str, Any]) -> Path:
@@ -67,16 +71,17 @@ def image_root(data: dict[str, Any]) -> Path:
 
 def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -> DistillationSetup:
     """Build student, frozen teacher and its targets, split and views from a ``train.yaml``
-    config. Old spellings of settings are refused here, before any long work."""
+    config. Every setting is checked here (``check_training_config``: old spellings, bad
+    values, a ``resume`` path that cannot be resumed), before any long work."""
     config = _plain(cfg)
     check_renamed(config, RENAMED_SETTINGS["train"], "prepare")
+    optim, trainer = check_training_config(config)
+    set_max_image_pixels(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     teacher_cfg, data = config["teacher"], config["train_images"]
     cached = teacher_cfg.get("cache", True)
-    if not isinstance(cached, bool):
-        raise ValueError(f"teacher.cache must be true or false, got {cached!r}")
     context = context or init_distributed(config.get("device", "auto"))
 
-    student = create_backbone(**config["backbone"])
+    student = create_backbone(**config["backbone"], compile=config.get("compile", False))
     frozen = copy.deepcopy(student).requires_grad_(False).eval().to(context.device)
     # The frozen copy serves only the teacher: a low precision converts it in place.
     precision = config["trainer"]["precision"]
@@ -108,7 +113,7 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
         fixed_views=cached,
         targets=targets if cached else None,
     )
-    return DistillationSetup(config, context, student, targets, split, root, views)
+    return DistillationSetup(config, context, student, targets, split, root, views, optim, trainer)
 
 
 def _require_cache(setup: DistillationSetup) -> None:
@@ -145,8 +150,23 @@ def fill_heldout_cache(setup: DistillationSetup) -> list[str]:
 
 def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     """Fill the cache (cached teacher), train, evaluate held-out agreement; returns the summary,
-    which rank 0 writes to ``out_dir/train_summary.json`` (its only writer)."""
+    which rank 0 writes to ``out_dir/train_summary.json`` (its only writer).
+
+    ``out_dir`` must not hold another run unless ``resume`` points into it (the run then
+    continues there); rank 0 holds a lock on it for the whole run (``RunFolder``)."""
     setup = prepare(cfg)
+    config, context = setup.config, setup.context
+    # Rank 0 is the one writer of the run folder: refuse one that holds another run (unless
+    # resuming it) or that another process writes, before the cache fill.
+    folder = RunFolder(out_dir, config.get("resume")) if context.is_main else None
+    try:
+        return _distil(setup, out_dir)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _distil(setup: DistillationSetup, out_dir: str | Path) -> dict[str, Any]:
     config, context = setup.config, setup.context
     cached = setup.targets.cache is not None
     cache_stats = fill_cache(setup) if cached else None
@@ -158,8 +178,8 @@ def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, A
         setup.views,
         heldout,
         out_dir,
-        OptimSettings(**config["optim"]),
-        TrainerSettings(**config["trainer"]),
+        setup.optim,
+        setup.trainer,
         context=context,
         run_info=config,
         skipped_files=(cache_stats or {}).get("skipped_files", []),
@@ -169,6 +189,7 @@ def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, A
     summary["train_views"] = len(setup.views)
     summary["heldout_images"] = len(setup.split.heldout)
     summary["heldout_unreadable"] = unreadable
+    summary["compile"] = compile_report(setup.student)
     if cache_stats is not None:
         summary["cache"] = {k: v for k, v in cache_stats.items() if k != "skipped_files"}
     if context.is_main:

@@ -1,10 +1,84 @@
-"""The training log: ``metrics.jsonl`` records and, optionally, TensorBoard scalars."""
+"""The training log (``metrics.jsonl`` records and, optionally, TensorBoard scalars) and the claim
+on a run folder that makes its one process the only writer."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+from ..io import atomic_write_bytes, remove_orphan_temporaries
+
+#: Files that show a run folder already holds a run.
+RUN_FILES = ("metrics.jsonl", "train_summary.json", "checkpoints/last.state.pt")
+LOCK_FILE = ".run.lock"
+
+
+class RunFolderError(RuntimeError):
+    """A run folder holds another run, or another process writes into it."""
+
+
+class RunFolder:
+    """The claim of one process (rank 0) on a run folder, held until :meth:`release`.
+
+    A folder that already holds a run (:data:`RUN_FILES`) is refused unless ``resume`` points
+    into it (the run continues there). While claimed, the folder's lock file is locked
+    (``fcntl.flock``; the kernel releases it when the process ends, even by ``kill -9``), so a
+    second process writing the same folder fails at once instead of interleaving its records.
+    Temporary files that a killed writer left in the folder (``spar.io.atomic_path``) are removed.
+    Locks are advisory and local: on network file systems without ``flock`` support only the
+    first check holds.
+
+    Raises:
+        RunFolderError: naming the folder and what to do.
+    """
+
+    def __init__(self, out_dir: str | Path, resume: str | Path | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        existing = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if existing and not self._resumes_here(resume):
+            raise RunFolderError(
+                f"run folder {self.out_dir} already holds a run ({', '.join(existing)}); pass "
+                f"resume={self.out_dir} to continue it, or choose another folder "
+                "(hydra.run.dir=...; the default is unique per run)"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._handle = self._lock()
+        # Only this process writes here now: temporary files of a killed writer are orphans.
+        self.removed_temporaries = remove_orphan_temporaries(self.out_dir)
+
+    def _resumes_here(self, resume: str | Path | None) -> bool:
+        if resume is None:
+            return False
+        path = Path(resume).resolve()
+        folder = self.out_dir.resolve()
+        return path == folder or folder in path.parents
+
+    def _lock(self) -> int | None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: the first check only
+            return None
+        path = self.out_dir / LOCK_FILE
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(handle)
+            raise RunFolderError(
+                f"run folder {self.out_dir} is in use by another process (it holds {path}); "
+                "two runs never write one folder"
+            ) from error
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()}\n".encode())
+        return handle
+
+    def release(self) -> None:
+        """Unlock the folder (the lock file stays; it is locked again by the next claim)."""
+        if self._handle is not None:
+            os.close(self._handle)
+            self._handle = None
 
 
 class RunLog:
@@ -12,6 +86,9 @@ class RunLog:
     ``tensorboard``, their numeric leaves as TensorBoard scalars in ``out_dir/tb``.
 
     Only the process with ``enabled`` (rank 0) writes; the others ignore every record.
+    :attr:`records` counts the lines of the file; a checkpoint stores it and a resumed run
+    :meth:`rewind` s to it, so records written after the checkpoint by a killed run are not
+    repeated. A line cut short by a kill is dropped when the log is opened.
 
     Raises:
         ImportError: ``tensorboard`` is asked for but the package is not installed.
@@ -21,6 +98,7 @@ class RunLog:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
+        self.records = len(self._complete_lines()) if enabled else 0
         self.tensorboard = None
         if tensorboard and enabled:
             try:
@@ -31,6 +109,24 @@ class RunLog:
                 ) from error
             self.tensorboard = SummaryWriter(str(self.out_dir / "tb"))
 
+    def _complete_lines(self) -> list[bytes]:
+        """The file's complete lines; a trailing partial line (a killed write) is removed."""
+        if not self.path.is_file():
+            return []
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(b"\n"):
+            lines = lines[:-1]
+            atomic_write_bytes(self.path, b"".join(lines))
+        return lines
+
+    def rewind(self, records: int | None) -> None:
+        """Keep only the first ``records`` lines (those a checkpoint saw); ``None``: keep all."""
+        if not self.enabled or records is None or self.records <= records:
+            return
+        atomic_write_bytes(self.path, b"".join(self._complete_lines()[:records]))
+        self.records = records
+
     def write(self, record: dict[str, Any]) -> None:
         """Log ``record``, a dict with ``event`` and ``step`` and (nested) values."""
         if not self.enabled:
@@ -38,6 +134,7 @@ class RunLog:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
+        self.records += 1
         if self.tensorboard is not None:
             for name, value in scalars(record):
                 self.tensorboard.add_scalar(name, value, record["step"])

@@ -1,16 +1,32 @@
-"""Optimizer and loop settings of a distillation run: the single source of their defaults.
+"""Settings of a distillation run: the single source of the optimizer and loop defaults, and the
+check of a whole training config that runs before any long work.
 
 ``configs/train.yaml`` spells the same defaults out (with comments) under ``optim`` and
-``trainer``; a test keeps the two equal.
+``trainer``; a test keeps the two equal. :func:`check_training_config` checks every value a run
+reads (``trainer``, ``optim``, ``teacher``, ``train_images``, ``heldout``, ``resume``,
+``max_image_pixels``) and names the key and the value of the first bad one, so a typo fails in
+seconds instead of after the teacher-cache fill.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from ..config import SettingError, require, require_bool, require_int
 from ..utils import PRECISIONS
 
 SCHEDULES = ("constant", "cosine")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -24,10 +40,24 @@ class OptimSettings:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {self}")
+        require(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {SCHEDULES}")
+        require(_is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            self.weight_decay,
+            "a number >= 0",
+        )
+        betas = list(self.betas) if isinstance(self.betas, list | tuple) else None
+        require(
+            betas is not None
+            and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            "optim.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
+        require_int("optim.warmup_steps", self.warmup_steps, 0)
         self.betas = tuple(self.betas)
 
 
@@ -68,9 +98,97 @@ class TrainerSettings:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
-        if min(self.epochs, self.accumulate, self.log_every, self.batch_size) < 1:
-            raise ValueError(
-                f"epochs, accumulate, log_every and batch_size must be >= 1, got {self}"
-            )
+        require(
+            self.precision in PRECISIONS,
+            "trainer.precision",
+            self.precision,
+            f"one of {PRECISIONS}",
+        )
+        for name in ("epochs", "accumulate", "log_every", "batch_size"):
+            require_int(f"trainer.{name}", getattr(self, name), 1)
+        require_int("trainer.checkpoint_every", self.checkpoint_every, 0)
+        require_int("trainer.stop_after_steps", self.stop_after_steps, 1, optional=True)
+        require_int("trainer.num_workers", self.num_workers, 0)
+        require_int("trainer.seed", self.seed, 0)
+        require(
+            self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+            "trainer.grad_clip",
+            self.grad_clip,
+            "a number > 0 or null",
+        )
+        require_bool("trainer.show_progress", self.show_progress)
+        require_bool("trainer.tensorboard", self.tensorboard)
+
+
+def settings_from(kind: type, values: dict[str, Any], section: str) -> Any:
+    """``kind(**values)``, with an unknown key named as ``<section>.<key>``."""
+    known = {field.name for field in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingError(
+            f"unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return kind(**values)
+
+
+def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, TrainerSettings]:
+    """Check every value of a resolved ``train.yaml`` config that the run reads, before any
+    long work; returns the optimizer and loop settings.
+
+    Raises:
+        SettingError: naming the key and the value (e.g. ``trainer.batch_size must be an
+            integer >= 1, got 0``).
+        FileNotFoundError: ``resume`` or ``heldout.root`` names something that is not there.
+        WeightLoadingError: the ``resume`` training state cannot be read (the file is named).
+        ImportError: ``trainer.tensorboard=true`` without the ``tensorboard`` package.
+    """
+    from ..models.compiling import check_compile_setting
+    from .checkpointing import check_resumable  # checkpointing imports torch models
+
+    optim = settings_from(OptimSettings, dict(config["optim"]), "optim")
+    trainer = settings_from(TrainerSettings, dict(config["trainer"]), "trainer")
+    if trainer.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError("trainer.tensorboard=true needs: pip install tensorboard") from error
+    teacher = config["teacher"]
+    require_bool("teacher.cache", teacher.get("cache", True))
+    if teacher.get("cache", True):
+        cache_dir = teacher.get("cache_dir")
+        require(
+            isinstance(cache_dir, str | Path) and str(cache_dir) != "",
+            "teacher.cache_dir",
+            cache_dir,
+            "a folder",
+        )
+    require_int("teacher.batch_size", teacher.get("batch_size", 1), 1)
+    data = config["train_images"]
+    require_int("train_images.max_images", data.get("max_images"), 1, optional=True)
+    require_int("train_images.draws_per_image", data.get("draws_per_image", 1), 1)
+    require_int("train_images.augment_seed", data.get("augment_seed", 0), 0)
+    _check_heldout(config["heldout"])
+    require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
+    check_compile_setting(config.get("compile", False))
+    check_compile_setting(teacher.get("compile", False), "teacher.compile")
+    if config.get("resume") is not None:
+        check_resumable(config["resume"])
+    return optim, trainer
+
+
+def _check_heldout(heldout: dict[str, Any]) -> None:
+    require_int("heldout.num_images", heldout.get("num_images"), 0)
+    root = heldout.get("root")
+    if root and not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"heldout.root: held-out image folder {root} not found")
+    sizes = heldout.get("sizes")
+    pair_ok = isinstance(sizes, list | tuple) and all(
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(_is_int(s) and s > 0 for s in size)
+        for size in sizes
+    )
+    require(pair_ok, "heldout.sizes", sizes, "a list of [long, short] pairs of positive integers")
+    if heldout["num_images"] > 0:
+        require(len(sizes) > 0, "heldout.sizes", sizes, "non-empty when heldout.num_images > 0")

@@ -108,7 +108,9 @@ class TeacherTargets:
 
     def compute(self, image: torch.Tensor, key: TargetKey | None, source: str) -> torch.Tensor:
         """Run the teacher on a (3, H, W) view and store the map under ``key`` (if a cache and a
-        key are given). Returns the (C, h, w) float32 map on the teacher's device.
+        key are given). Returns the (C, h, w) float32 map on the teacher's device; when stored, its
+        values are those of the stored float16 map, so a recomputed entry trains bitwise like a
+        stored one.
 
         Raises:
             NonFiniteError: the map holds NaN or inf (naming ``source``); nothing is stored.
@@ -117,6 +119,8 @@ class TeacherTargets:
         target = teacher_map(self.teacher, image, self.autocast, source)
         if self.cache is not None and key is not None:
             self.cache.save(key.name, target, key.description)
+            # Exactly the stored values: a recomputed entry trains as a stored one would.
+            target = target.half().float()
         return target
 
     def get_or_compute(self, image: torch.Tensor, key: TargetKey, source: str) -> torch.Tensor:
@@ -135,8 +139,11 @@ class TeacherTargets:
     ) -> dict[str, Any]:
         """Compute every missing or bad cache entry of ``views``; rank r takes views r, r+W, ...
 
-        Entries already present and well-formed (header check) are kept, so an interrupted run
-        resumes where it stopped. Returns counts summed over ranks: ``computed``, ``reused``,
+        Entries already present with a sound header are kept, so an interrupted run resumes
+        where it stopped; a bad header (truncated, flipped, mis-keyed, mis-shaped) is reported
+        with a warning naming the file and recomputed. Data bytes are verified against the
+        entry's checksum on every read (training step, held-out set), which reports and
+        recomputes a damaged entry then. Returns counts summed over ranks: ``computed``, ``reused``,
         ``skipped`` (images that could not be decoded) and the skipped files of this rank.
         """
         if self.cache is None:
@@ -153,7 +160,7 @@ class TeacherTargets:
             if item["skipped"] is not None:
                 counts["skipped"] += 1
                 skipped_files.append(item["path"])
-            elif self.cache.has(item["key"].name, self.shape_for(item["plan"].output)):
+            elif self.cache.has(item["key"].name, self.shape_for(item["plan"].output), warn=True):
                 counts["reused"] += 1
             else:
                 self.compute(item["image"], item["key"], source=item["path"])

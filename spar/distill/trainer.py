@@ -214,6 +214,7 @@ class Distiller:
                 "state": asdict(self.state),
                 **self.optimization.state_dict(),
                 "total_steps": self.optimization.total_steps,
+                "log_records": self.log.records,  # metrics.jsonl lines this checkpoint saw
             }
             save_training_checkpoint(
                 self.checkpoint_dir, self.student, extra, training_state, best=improved
@@ -234,6 +235,7 @@ class Distiller:
         self.state = TrainingState(**saved["state"])
         self.state.skipped_files = sorted(set(self.state.skipped_files) | set(known_skipped))
         self.optimization.load_state_dict(saved)
+        self.log.rewind(saved.get("log_records"))  # drop records written after the checkpoint
 
     # -- the loop ------------------------------------------------------------------------------
 
