@@ -351,12 +351,20 @@ def _signature(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row_label(results: dict[str, Any]) -> str:
+    """Backbone, feature source and checkpoint, then the refinement stages that are on (so an
+    LPOSS or AnyUp run gets its own row)."""
     config = results.get("config", {})
     backbone = config.get("backbone", {}).get("name", "?")
     if results.get("features") == "teacher":
-        return f"{backbone} teacher (stride {config.get('teacher', {}).get('stride')})"
-    checkpoint = config.get("checkpoint")
-    return f"{backbone} SPAR ({Path(checkpoint).name})" if checkpoint else f"{backbone} single pass"
+        label = f"{backbone} teacher (stride {config.get('teacher', {}).get('stride')})"
+    elif config.get("checkpoint"):
+        label = f"{backbone} SPAR ({Path(config['checkpoint']).name})"
+    else:
+        label = f"{backbone} single pass"
+    refine = (config.get("refine") or {}).get("name", "none")
+    upsample = (config.get("upsample") or {}).get("name", "bilinear")
+    stages = [name for name, off in ((refine, "none"), (upsample, "bilinear")) if name != off]
+    return " + ".join([label, *stages])
 
 
 def collect_results(root: str | Path) -> str:

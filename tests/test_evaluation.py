@@ -186,11 +186,13 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, features):
 
 
 def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
-    def write(folder, dataset, features, miou, checkpoint=None):
+    def write(folder, dataset, features, miou, checkpoint=None, refine="none", upsample="bilinear"):
         config = {
             "backbone": {"name": "siglip2"},
             "checkpoint": checkpoint,
             "teacher": {"stride": 24},
+            "refine": {"name": refine},
+            "upsample": {"name": upsample},
         }
         payload = {"dataset": dataset, "features": features, "miou": miou, "config": config}
         (tmp_path / folder).mkdir(parents=True)
@@ -201,11 +203,15 @@ def test_collect_results_builds_the_baseline_versus_spar_table(tmp_path):
     write("c", "voc20", "teacher", 77.5)
     write("d", "voc20", "student", 81.5, checkpoint="/ckpt/spar_siglip2.ckpt")
     write("e", "ade20k", "student", 23.4, checkpoint="/ckpt/spar_siglip2.ckpt")
+    write("f", "voc20", "student", 89.7, checkpoint="/ckpt/spar_siglip2.ckpt", refine="lposs")
+    write("g", "voc20", "student", 86.2, "/ckpt/spar_siglip2.ckpt", "none", "anyup")
     table = collect_results(tmp_path).splitlines()
     assert table[0] == "| setting | ade20k | voc20 | mean |"
     assert "| siglip2 single pass | 16.8 | 71.3 | 44.0 |" in table
     assert "| siglip2 teacher (stride 24) |  | 77.5 |  |" in table
     assert "| siglip2 SPAR (spar_siglip2.ckpt) | 23.4 | 81.5 | 52.5 |" in table
+    assert "| siglip2 SPAR (spar_siglip2.ckpt) + lposs |  | 89.7 |  |" in table
+    assert "| siglip2 SPAR (spar_siglip2.ckpt) + anyup |  | 86.2 |  |" in table
 
 
 @pytest.mark.slow  # torchrun, two processes; the fast tier: MeanIoU merges and sums shards
