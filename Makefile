@@ -17,7 +17,9 @@ install: $(VENV)/.installed
 
 # Distil the tiny backbone on the bundled images, then compare teacher, pretrained and distilled.
 DEMO_DIR ?= outputs/demo
+# Each `make demo` starts afresh: a run folder that holds a run is only reused with resume=.
 demo: install
+	rm -rf $(DEMO_DIR)
 	$(PY) scripts/train.py hydra.run.dir=$(DEMO_DIR)/train
 	$(PY) scripts/demo.py checkpoint=$(DEMO_DIR)/train/checkpoints/best.safetensors \
 		hydra.run.dir=$(DEMO_DIR)/pictures
