@@ -171,3 +171,21 @@ def test_speed_times_a_compiled_student_and_reports_its_compile_time(
     )
     assert results["compile"]["shapes"] == 2 and capture_only_compile.graphs == 2
     assert "student compile=True: 2 input shapes" in format_table(results)
+
+
+def test_a_compiled_teacher_over_a_compiled_backbone_traces_in_one_piece(
+    tiny_backbone, capture_only_compile
+):
+    """``teacher.compile`` over a backbone compiled with ``compile`` (segment with
+    ``show_teacher``): the outer compile takes the blocks in, without a graph break."""
+    import warnings
+
+    compiled = compile_backbone(copy.deepcopy(tiny_backbone), True)
+    teacher = build_teacher(compiled, {"window": 64, "stride": 32, "compile": True})
+    reference = build_teacher(tiny_backbone, {"window": 64, "stride": 32})
+    images = torch.randn(1, 3, 96, 128)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.testing.assert_close(teacher(images), reference(images), rtol=0, atol=0)
+    assert not [w for w in caught if "graph break" in str(w.message).lower()]
+    assert compile_report(compiled)["shapes"] == 0  # the teacher's compile ran the blocks

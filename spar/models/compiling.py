@@ -72,9 +72,14 @@ class CompiledBlocks:
         self.function = torch.compile(
             run_blocks, mode=compile_mode(setting), dynamic=True, backend=backend
         )
+        self.run_blocks = run_blocks
         self.first_calls: dict[tuple, float] = {}
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced by an outer compile (``teacher.compile`` over the same backbone): it
+            # compiles the blocks itself; timing here would only break its graph.
+            return self.run_blocks(*inputs)
         key = (tuple(inputs[0].shape), inputs[0].dtype, str(inputs[0].device))
         key += (torch.is_grad_enabled(),)
         if key in self.first_calls:
