@@ -27,7 +27,7 @@ from .config import RENAMED_SETTINGS, check_renamed, require, require_bool, requ
 from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark, check_split
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, set_max_image_pixels
 from .distributed import DistributedContext, init_distributed
-from .io import atomic_save_image, atomic_write_json
+from .io import append_json_line, atomic_save_image, atomic_write_json, complete_lines
 from .metrics import MeanIoU
 from .models import compile_report, create_backbone, dense_features
 from .models.compiling import check_compile_target
@@ -79,14 +79,11 @@ class PerImageResults:
             self.done.update(self._read(path))
 
     def _read(self, path: Path) -> dict[str, dict[str, Any]]:
-        lines = path.read_text(encoding="utf-8").splitlines()
         records = {}
-        for number, line in enumerate(lines):
+        for number, line in enumerate(complete_lines(path)):  # drops a line cut short by a crash
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                if number == len(lines) - 1:  # the last line, cut short by a crash
-                    continue
                 raise ValueError(f"{path}: line {number + 1} is not JSON") from None
             if number == 0:
                 if record.get("signature") != self.signature:
@@ -99,15 +96,10 @@ class PerImageResults:
         return records
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one image's record (flushed, so a crash keeps it)."""
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            if new:
-                file.write(json.dumps({"signature": self.signature}, sort_keys=True) + "\n")
-            elif not _ends_with_newline(self.path):
-                file.write("\n")  # after a line cut short by a crash
-            file.write(json.dumps(record) + "\n")
+        """Append one image's record (a crash keeps every complete line)."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            append_json_line(self.path, {"signature": self.signature})
+        append_json_line(self.path, record)
 
     @staticmethod
     def scored(name: str, confusion: torch.Tensor) -> dict[str, Any]:
@@ -125,12 +117,6 @@ class PerImageResults:
         """Add a stored image's confusion cells to ``metric``."""
         for target, predicted, count in record["confusion"]:
             metric.confusion[target, predicted] += count
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as file:
-        file.seek(-1, 2)
-        return file.read(1) == b"\n"
 
 
 def evaluate_benchmark(

@@ -123,6 +123,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         file.write(data)
 
 
+def complete_lines(path: str | Path) -> list[bytes]:
+    """The complete lines of a file written by :func:`append_json_line` (``[]`` when there is no
+    file). A trailing line cut short by a killed writer is removed from the file (rewritten
+    atomically), so the next append starts on a fresh line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines = lines[:-1]
+        atomic_write_bytes(path, b"".join(lines))
+    return lines
+
+
+def append_json_line(path: str | Path, record: Any) -> None:
+    """Append ``record`` as one JSON line to ``path`` (a log that a crash keeps up to its last
+    complete line; read it back with :func:`complete_lines`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
 def atomic_write_json(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON atomically."""
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())

@@ -401,3 +401,27 @@ def test_eval_writes_per_image_scores_and_resumes_after_a_crash(tmp_path, monkey
         run_evaluation(
             eval_config(f"dataset.root={root}", "templates=imagenet80"), tmp_path / "crashed"
         )
+
+
+def test_per_image_scores_survive_two_crashes_in_a_row(tmp_path):
+    """A line cut short by a crash is dropped when the scores are read back, so the resumed
+    run's appends (and a later resume after a second crash) read cleanly."""
+    from spar.distributed import DistributedContext
+    from spar.evaluation import PerImageResults
+
+    context = DistributedContext()
+    first = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
+    first.write({"name": "a", "skipped": "test"})
+    with first.path.open("a", encoding="utf-8") as file:
+        file.write('{"name": "b", "pix')  # killed mid-line
+    second = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
+    assert set(second.done) == {"a"}
+    second.write({"name": "b", "skipped": "test"})
+    third = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
+    assert set(third.done) == {"a", "b"}
+    lines = first.path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and all(json.loads(line) for line in lines)
+    with first.path.open("a", encoding="utf-8") as file:
+        file.write("not json\n")
+    with pytest.raises(ValueError, match="line 4 is not JSON"):
+        PerImageResults(tmp_path, {"dataset": "voc21"}, context)

@@ -3,12 +3,16 @@ on a run folder that makes its one process the only writer."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_bytes, remove_orphan_temporaries
+from ..io import (
+    append_json_line,
+    atomic_write_bytes,
+    complete_lines,
+    remove_orphan_temporaries,
+)
 
 #: Files that show a run folder already holds a run.
 RUN_FILES = ("metrics.jsonl", "train_summary.json", "checkpoints/last.state.pt")
@@ -98,7 +102,7 @@ class RunLog:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
-        self.records = len(self._complete_lines()) if enabled else 0
+        self.records = len(complete_lines(self.path)) if enabled else 0
         self.tensorboard = None
         if tensorboard and enabled:
             try:
@@ -109,31 +113,18 @@ class RunLog:
                 ) from error
             self.tensorboard = SummaryWriter(str(self.out_dir / "tb"))
 
-    def _complete_lines(self) -> list[bytes]:
-        """The file's complete lines; a trailing partial line (a killed write) is removed."""
-        if not self.path.is_file():
-            return []
-        data = self.path.read_bytes()
-        lines = data.splitlines(keepends=True)
-        if lines and not lines[-1].endswith(b"\n"):
-            lines = lines[:-1]
-            atomic_write_bytes(self.path, b"".join(lines))
-        return lines
-
     def rewind(self, records: int | None) -> None:
         """Keep only the first ``records`` lines (those a checkpoint saw); ``None``: keep all."""
         if not self.enabled or records is None or self.records <= records:
             return
-        atomic_write_bytes(self.path, b"".join(self._complete_lines()[:records]))
+        atomic_write_bytes(self.path, b"".join(complete_lines(self.path)[:records]))
         self.records = records
 
     def write(self, record: dict[str, Any]) -> None:
         """Log ``record``, a dict with ``event`` and ``step`` and (nested) values."""
         if not self.enabled:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        append_json_line(self.path, record)
         self.records += 1
         if self.tensorboard is not None:
             for name, value in scalars(record):
