@@ -14,6 +14,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 from .config import renamed_arguments
+from .data.images import to_model_input
 from .models.base import check_images
 from .utils import module_device
 
@@ -289,7 +290,7 @@ class OpenVocabSegmenter(nn.Module):
         """:meth:`name_logits` through the refine/upsample stages: (B, N_names, *size)."""
         mean = torch.tensor(self.dense.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.dense.std, device=images.device).view(1, 3, 1, 1)
-        pixels = images.float() * std + mean
+        pixels = images.float() * std + mean  # back to [0, 1], what the stages take
         patch = getattr(self.dense, "patch_size", None)
         if self.refiner is not None:
             to_pixels = None
@@ -301,7 +302,7 @@ class OpenVocabSegmenter(nn.Module):
             cosine = self.refiner(
                 pixels,
                 features=lambda windows: self._dense_features(
-                    ((windows - mean) / std).to(images.dtype)
+                    to_model_input(windows, self.dense.mean, self.dense.std).to(images.dtype)
                 ),
                 classify=self._cosine,
                 to_pixels=to_pixels,

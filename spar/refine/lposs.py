@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import to_model_input
 from ..models.teacher import window_offsets
 from .colour import rgb_to_lab
 from .graph import PixelGraph, knn_patch_graph, propagate
@@ -57,10 +58,8 @@ class AffinityBackbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] (H, W multiples of the patch size) -> (B, D, H/p, W/p) float32
         unit value features."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         self._captured.clear()
-        self.model.forward_features((pixels - mean) / std)
+        self.model.forward_features(to_model_input(pixels, self.mean, self.std))
         qkv = self._captured.pop()
         self._captured.clear()
         batch, tokens, _ = qkv.shape

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import to_model_input
 from ..utils import autocast_dtype
 from .anyup import IMAGENET_MEAN, IMAGENET_STD, AnyUp
 
@@ -44,9 +45,7 @@ class AnyUpUpsampler(nn.Module):
         height, width = pixels.shape[-2:]
         rows, cols = features.shape[-2:]
         padded = (rows * patch_size, cols * patch_size) if patch_size else (height, width)
-        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
-        image = (pixels.float() - mean) / std
+        image = to_model_input(pixels.float(), IMAGENET_MEAN, IMAGENET_STD)
         image = F.pad(image, (0, padded[1] - width, 0, padded[0] - height))
         dtype = autocast_dtype(self.precision, pixels.device)
         precision = (
