@@ -109,12 +109,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def stage_names() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(refine names, upsample names) of ``spar.refine`` when it and its configs are there (a
-    source checkout), else ``None``: the page then offers no refinement stages."""
-    try:
-        from .refine import REFINE_NAMES, UPSAMPLE_NAMES
-    except ImportError:
-        return None
+    """(refine names, upsample names) of ``spar.refine`` when their configs are there (a source
+    checkout), else ``None``: the page then offers no refinement stages."""
+    from .refine import REFINE_NAMES, UPSAMPLE_NAMES
+
     if not (CONFIGS / "refine").is_dir() or not (CONFIGS / "upsample").is_dir():
         return None
     return tuple(REFINE_NAMES), tuple(UPSAMPLE_NAMES)
