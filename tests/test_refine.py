@@ -228,3 +228,25 @@ def test_lposs_works_at_its_short_side_and_returns_that_size():
     scores = lposs(pixels, lambda windows: F.avg_pool2d(windows, 16), classify=lambda f: f)
     assert scores.shape == (1, 3, 32, 43)
     assert lposs.windows(32, 43) == [(0, 0, 32, 32), (0, 11, 32, 43)]
+
+
+def test_hub_weights_that_cannot_be_fetched_name_the_key(monkeypatch, tmp_path):
+    """Offline and not in the cache: the error names the config key and the way around it."""
+    import huggingface_hub
+
+    from spar.refine import build
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the local cache")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    refine = {"model": "vit_tiny_patch16_224", "weights": "hub"}
+    with pytest.raises(FileNotFoundError, match=r"refine\.affinity\.weights=hub.*local file"):
+        build.build_affinity_backbone(refine)
+    with pytest.raises(FileNotFoundError, match=r"upsample\.weights=hub.*network unreachable"):
+        build.load_anyup("hub")

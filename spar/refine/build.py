@@ -10,7 +10,7 @@ cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,18 @@ def check_stage_settings(
         _local_weights(upsample.get("weights"), "upsample.weights")
 
 
+def _hub_weights(fetch: Callable[[], Path], key: str) -> Path:
+    """``fetch()`` of published weights; a failed download (no network, an offline machine
+    without them in its cache) is an error naming the config key and the way around it."""
+    try:
+        return fetch()
+    except OSError as error:
+        raise FileNotFoundError(
+            f"{key}={HUB}: the published weights could not be fetched ({error}); download them "
+            f"where the network is reachable, or set {key} to a local file"
+        ) from error
+
+
 def _hub_file_for_timm(model: nn.Module) -> Path:
     """The published weights of a timm model, from the Hugging Face hub cache."""
     from huggingface_hub import hf_hub_download
@@ -122,7 +134,8 @@ def build_affinity_backbone(settings: Mapping[str, Any]) -> AffinityBackbone:
     )
     if weights is None:
         return AffinityBackbone(model)  # random weights (timing only)
-    path = path or _hub_file_for_timm(model)
+    key = "refine.affinity.weights"
+    path = path or _hub_weights(lambda: _hub_file_for_timm(model), key)
     state = read_state_dict(path)
     if set(state) != set(model.state_dict()):
         state = checkpoint_filter_fn(state, model)  # e.g. the original DINO key layout
@@ -149,7 +162,8 @@ def load_anyup(weights: str | Path | None = HUB, chunk_size: int = 16384) -> Any
     model = AnyUp(chunk_size=chunk_size)
     if weights is None:
         return model
-    path = _local_weights(weights, "upsample.weights") or _hub_file_for_url(RELEASE_URL)
+    key = "upsample.weights"
+    path = _local_weights(weights, key) or _hub_weights(lambda: _hub_file_for_url(RELEASE_URL), key)
     load_state_dict_strict(model, read_state_dict(path), f"{path} (upsample.weights)")
     return model
 
