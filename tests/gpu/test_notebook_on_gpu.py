@@ -154,3 +154,18 @@ def test_segmenter_scores_stay_float32_under_bf16_autocast(device):
         scores = segmenter.class_probabilities(x)
     assert name_logits.dtype == torch.float32, f"name_logits gave {name_logits.dtype}"
     assert scores.dtype == torch.float32, f"class_probabilities gave {scores.dtype}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_backbone_equals_eager(device, precision):
+    """``create_backbone(..., compile=True)`` on the device: two image sizes (one graph, dynamic
+    shapes), the compiled features equal the eager ones up to the precision's rounding."""
+    eager = create_backbone("tiny").to(device)
+    compiled = create_backbone("tiny", compile=True).to(device)
+    for size in ((224, 320), (256, 384)):
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad(), autocast(precision, device):
+            want, got = eager(x).float(), compiled(x).float()
+        assert got.device == device
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < (1e-4 if precision == "fp32" else 2e-2), f"{size}: relative error {error}"
