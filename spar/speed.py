@@ -460,27 +460,29 @@ def profile_forwards(
     text}``, named ``profile_student_<H>x<W>.txt`` and ``profile_teacher_<H>x<W>_s<stride>.txt``.
     """
     backbone = backbone.to(device).eval()
-    teacher = build_teacher(backbone, teacher_settings)
     image = _images(1, size, device)
-    name, stride = f"{size[0]}x{size[1]}", teacher.stride[0]
-    windows = teacher.num_windows(*size)
-    forwards = {
-        f"profile_student_{name}.txt": ("student, batch 1", backbone),
-        f"profile_teacher_{name}_s{stride}.txt": (
-            f"teacher, stride {stride}, {windows} windows",
-            teacher,
-        ),
-    }
+    name = f"{size[0]}x{size[1]}"
     where = device_description(device)["name"]
-    texts = {}
-    for file, (what, model) in forwards.items():
-        tables = [
-            f"== {what}, {name}, {precision}, {where}: one forward after one warm-up\n"
-            + profile_table(_inference(model, image, autocast_for(precision, device)), device)
-            for precision in precisions
-        ]
-        texts[file] = "\n\n".join(tables) + "\n"
-    return texts
+    tables: dict[str, list[str]] = {}
+    for precision in precisions:
+        # The teacher as time_teacher times it: built at the precision (a low-precision copy of
+        # the weights, autocast off inside), not the float32 teacher under autocast.
+        teacher = build_teacher(backbone, teacher_settings, precision)
+        stride, windows = teacher.stride[0], teacher.num_windows(*size)
+        forwards = {
+            f"profile_student_{name}.txt": ("student, batch 1", backbone),
+            f"profile_teacher_{name}_s{stride}.txt": (
+                f"teacher, stride {stride}, {windows} windows, "
+                f"{teacher.batch_size} windows a forward",
+                teacher,
+            ),
+        }
+        for file, (what, model) in forwards.items():
+            tables.setdefault(file, []).append(
+                f"== {what}, {name}, {precision}, {where}: one forward after one warm-up\n"
+                + profile_table(_inference(model, image, autocast_for(precision, device)), device)
+            )
+    return {file: "\n\n".join(parts) + "\n" for file, parts in tables.items()}
 
 
 def _percent(tflops: float, peak: float) -> str:
