@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+def script_environment(base: dict[str, str]) -> dict[str, str]:
+    """The environment of a script run: offline, one thread, and this checkout first on
+    ``PYTHONPATH`` as an absolute path, so that scripts import spar from it wherever they run
+    (``cwd=tmp_path``), also where spar is not installed and ``PYTHONPATH`` named the checkout
+    relatively (the GPU machine's first run of the tier failed 12 script tests on that)."""
+    env = {**base, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH", "")]))
+    return env
+
+
 def run_script(
     name: str,
     *overrides: str,
@@ -38,7 +48,7 @@ def run_script(
     if ranks > 1 or torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command = [*launcher, str(ROOT / "scripts" / name), *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = script_environment(os.environ)
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )

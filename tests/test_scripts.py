@@ -80,3 +80,25 @@ def test_backbone_config_creates_the_tiny_backbone():
 def test_compare_teacher_student_names_its_renamed_arguments(tmp_path, tiny_backbone):
     with pytest.raises(TypeError, match=r"stride= is now teacher=build_teacher"):
         compare_teacher_student(tiny_backbone, [], ["sky"], tmp_path, stride=48)
+
+
+def test_scripts_import_spar_from_the_checkout_wherever_they_run(tmp_path):
+    """A relative ``PYTHONPATH`` (``.``, as the GPU machine's first tier run had) must not decide
+    where scripts run from ``tmp_path`` find spar: the checkout comes first, absolute."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, script_environment
+
+    env = script_environment({"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
+    assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
+    found = subprocess.run(
+        [sys.executable, "-c", "import spar, sys; print(spar.__file__); print(sys.path[1])"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert found[0] == str(ROOT / "spar" / "__init__.py")
+    assert found[1] == str(ROOT)
