@@ -1,9 +1,10 @@
 """A disk cache of teacher feature maps: one safetensors file per (teacher, image, view).
 
 Every entry is named by the SHA-256 of a JSON *key* describing everything its content depends
-on: the teacher (a digest of its weights, window, stride, patch size), the image file (path
+on: the teacher (a digest of its weights, the dtype its windows run in, window, stride, patch
+size), the image file (path
 relative to the data root, byte size, modification time) and the augmentation plan. A different
-backbone, stride, window or augmentation therefore never finds a stale entry.
+backbone, precision, stride, window or augmentation therefore never finds a stale entry.
 
 Every read is verified: the key is stored again inside the file, and a checksum
 (:func:`entry_checksum`: BLAKE2b of the key, the description, the dtype, the shape and every
@@ -33,7 +34,9 @@ from torch import nn
 from ..io import atomic_path, remove_orphan_temporaries
 
 # 2: entries carry a checksum (format 1 entries have different keys and are never read).
-CACHE_FORMAT = 2
+# 3: the teacher identity names the dtype its windows run in (format 2 entries have other keys,
+#    so they are never found and are recomputed once).
+CACHE_FORMAT = 3
 FEATURES = "features"
 MISSING = "missing"
 
@@ -60,8 +63,25 @@ def entry_checksum(key: str, description: str, tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def window_dtype(teacher: nn.Module) -> str:
+    """The dtype a teacher's windows run in, e.g. ``"torch.bfloat16"``.
+
+    A teacher's ``dtype`` where it has one (its windows then run a copy of the weights in that
+    dtype, or the backbone converted in place); otherwise the dtype(s) of the floating
+    parameters of the module that runs the windows (``window_model``, else ``backbone``), and
+    ``"input"`` for a parameter-free backbone (it computes in the images' dtype).
+    """
+    dtype = getattr(teacher, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return str(dtype)
+    model = getattr(teacher, "window_model", teacher.backbone)
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    return ",".join(dtypes) or "input"
+
+
 def teacher_identity(teacher: nn.Module, name: str | None = None) -> dict[str, Any]:
-    """What a teacher's output depends on: weights digest, window, stride, patch size, dim.
+    """What a teacher's output depends on: weights digest, window dtype (:func:`window_dtype`),
+    window, stride, patch size, dim.
 
     Args:
         teacher: a ``SlidingWindowTeacher`` (anything with ``backbone``, ``window``, ``stride``,
@@ -72,6 +92,7 @@ def teacher_identity(teacher: nn.Module, name: str | None = None) -> dict[str, A
         "format": CACHE_FORMAT,
         "backbone": name or type(teacher.backbone).__name__,
         "weights": weights_digest(teacher.backbone),
+        "window_dtype": window_dtype(teacher),
         "window": list(teacher.window),
         "stride": list(teacher.stride),
         "patch_size": teacher.patch_size,
