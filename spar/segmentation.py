@@ -179,8 +179,9 @@ class OpenVocabSegmenter(nn.Module):
     ``dense`` too when it is a Module). :meth:`from_backbone` puts everything on the
     backbone's device.
 
-    Background rules in :meth:`predict` both map pixels to class 0, in this order: first
-    ``prob_threshold`` (per pixel), then ``area_threshold`` (per image, on the thresholded mask).
+    Background rules in :meth:`predict`, in the SPAR authors' order: first ``area_threshold``
+    (per image, small foreground classes lose their pixels to the next best class), then
+    ``prob_threshold`` (pixels whose best probability is below it become class 0).
 
     Args:
         dense: the dense-feature source, ``(B, 3, H, W) float -> (B, C, h, w)`` (a backbone, or
@@ -191,8 +192,8 @@ class OpenVocabSegmenter(nn.Module):
         logit_scale: multiplies the cosine similarity before the softmax.
         logit_bias: added to the scaled cosine.
         prob_threshold: pixels whose best class probability is below it become class 0.
-        area_threshold: per image, predicted classes covering less than this fraction of the
-            image's pixels become class 0.
+        area_threshold: per image, foreground classes (not class 0) that win at most this
+            fraction of the foreground pixels drop out: their pixels take the next best class.
         templates: prompt templates for the text ensemble: a set name (``"imagenet80"``, the
             paper's; ``"single"``) or callables ``name -> prompt``.
         refiner: optional label propagation (:class:`spar.refine.LPOSS`, LPOSS or LPOSS+):
@@ -269,22 +270,39 @@ class OpenVocabSegmenter(nn.Module):
 
         Returns:
             (B, N_names, H_out, W_out) float32 ``logit_scale * cos + logit_bias``, bilinearly
-            upsampled (``align_corners=False``) from the feature grid; where the backbone padded
-            the image to a multiple of its patch size, the padding is cropped away first.
+            resized (``align_corners=False``) from the feature grid straight to the output
+            size, as the SPAR authors' segmentor does (naomikombol/SPAR
+            ``segmentors/segmentor_vit.py``, ``forward_feature``), after the backbone's
+            ``patch_fit`` rule; for a dense source without one (the sliding-window teacher),
+            the padding is cropped away first.
             With stages, ``cos`` is per pixel of the image through the upsampler and/or the
             propagated cosine of the refiner, resized bilinearly to (H_out, W_out).
         """
         size = _resolve_size(images, output_size)
         if self.refiner is not None or self.upsampler is not None:
             return self._staged_logits(images, size)
-        features = self._unit_features(images)
+        fit = getattr(self.dense, "patch_fit", None)
+        features = self._unit_features(self._fit_to_patches(images, fit))
         with _without_autocast(features.device):  # bf16 cosines would flip near ties
             cosine = torch.einsum("bchw,nc->bnhw", features, self.text_embeddings.float())
             logits = self.logit_scale * cosine + self.logit_bias
-            logits = self._crop_padding(logits, images.shape[-2:])
+            if fit is None:  # a source without the authors' rule (a teacher): crop its padding
+                logits = self._crop_padding(logits, images.shape[-2:])
             if tuple(logits.shape[-2:]) == tuple(size):
                 return logits
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def _fit_to_patches(self, images: torch.Tensor, fit: str | None) -> torch.Tensor:
+        """(B, 3, H, W) -> the image the single pass sees: cut to whole patches for a
+        ``patch_fit == "truncate"`` backbone (at least one patch kept), else unchanged (a
+        ``"pad"`` or ``"stretch"`` backbone fits the image itself)."""
+        patch = getattr(self.dense, "patch_size", None)
+        if fit != "truncate" or patch is None:
+            return images
+        height, width = images.shape[-2:]
+        keep_h = max(height // patch, 1) * patch if height >= patch else height
+        keep_w = max(width // patch, 1) * patch if width >= patch else width
+        return images[..., :keep_h, :keep_w]
 
     def _staged_logits(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """:meth:`name_logits` through the refine/upsample stages: (B, N_names, *size)."""
@@ -381,10 +399,9 @@ class OpenVocabSegmenter(nn.Module):
     def predict(
         self, images: torch.Tensor, output_size: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """Class index per pixel: argmax of :meth:`logits`, then the background rules.
-
-        First, pixels whose best class probability is below ``prob_threshold`` become 0; then,
-        per image, classes covering less than ``area_threshold`` of the pixels become 0.
+        """Class index per pixel: argmax of :meth:`class_probabilities` after the background
+        rules: first ``area_threshold`` (:meth:`_suppress_small_classes`), then pixels whose best
+        probability is below ``prob_threshold`` become 0.
 
         Args:
             images: (B, 3, H, W) float.
@@ -393,11 +410,12 @@ class OpenVocabSegmenter(nn.Module):
         Returns:
             (B, H_out, W_out) long, values in [0, K).
         """
-        confidence, mask = self.class_probabilities(images, output_size).max(dim=1)
+        scores = self.class_probabilities(images, output_size)
+        if self.area_threshold is not None:
+            scores = self._suppress_small_classes(scores)
+        confidence, mask = scores.max(dim=1)
         if self.prob_threshold is not None:
             mask[confidence < self.prob_threshold] = 0
-        if self.area_threshold is not None:
-            mask = self._drop_small_classes(mask)
         return mask
 
     def _unit_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -415,10 +433,22 @@ class OpenVocabSegmenter(nn.Module):
             )
         return features.float()
 
-    def _drop_small_classes(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) long -> same, classes covering < ``area_threshold`` of an image set to 0."""
-        batch = mask.shape[0]
-        offsets = torch.arange(batch, device=mask.device).view(-1, 1, 1) * self.num_classes
-        counts = torch.bincount((mask + offsets).flatten(), minlength=batch * self.num_classes)
-        small = counts.view(batch, self.num_classes) < self.area_threshold * mask[0].numel()
-        return torch.where(small.gather(1, mask.flatten(1)).view_as(mask), 0, mask)
+    def _suppress_small_classes(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) class probabilities -> same, with the probabilities of each image's
+        small foreground classes set to 0.
+
+        The SPAR authors' rule (naomikombol/SPAR ``segmentors/segmentor_vit.py``,
+        ``postprocess_result``): take the argmax; a class other than 0 is small when it wins at
+        most ``area_threshold`` times the pixels won by all classes other than 0; its
+        probabilities are zeroed, so that its pixels go to their next best class (and through
+        ``prob_threshold`` afterwards).
+        """
+        batch, classes = scores.shape[:2]
+        winners = scores.argmax(dim=1).flatten(1)  # (B, H*W)
+        counts = torch.zeros(batch, classes, device=scores.device, dtype=torch.float32)
+        counts.scatter_add_(1, winners, torch.ones_like(winners, dtype=torch.float32))
+        foreground = counts[:, 1:]
+        keep = foreground > self.area_threshold * foreground.sum(dim=1, keepdim=True)
+        scores = scores.clone()
+        scores[:, 1:] *= keep.to(scores.dtype).view(batch, classes - 1, 1, 1)
+        return scores

@@ -124,10 +124,12 @@ def test_probability_threshold_sends_unsure_pixels_to_background():
         assert unsure.predict(images, output_size=(1, 2))[0, 0].tolist() == expected
 
 
-def test_probability_threshold_applies_before_area_threshold():
-    # 4x4 cells of sky, one clear car cell and one unsure car cell (car wins with p ~ 0.64).
-    # Car covers 2/16 = 12.5% >= 10% before the probability threshold and 1/16 after it, so
-    # with the threshold first the area rule removes car entirely.
+def test_area_threshold_applies_before_probability_threshold_as_the_authors_do():
+    # naomikombol/SPAR segmentors/segmentor_vit.py, postprocess_result: area rule on the plain
+    # argmax first, then the probability threshold. 4x4 cells of sky, one clear car cell and one
+    # unsure car cell (car wins with p ~ 0.64). The area rule sees car on 2 of the 16 foreground
+    # cells (12.5% > 10%: kept); the threshold 0.7 then sends only the unsure cell to 0. (With
+    # the threshold first, car would fall to 1/16 and be removed entirely.)
     table = basis("sky").view(-1, 1, 1).repeat(1, 4, 4)
     table[:, 0, 0] = basis("car")
     table[:, 3, 3] = basis("car") + 0.98 * basis("sky")
@@ -143,8 +145,30 @@ def test_probability_threshold_applies_before_area_threshold():
     )
     mask = both.predict(images, output_size=(4, 4))[0]
     expected = torch.ones(4, 4, dtype=torch.long)
-    expected[0, 0] = expected[3, 3] = 0
+    expected[0, 0] = 3
+    expected[3, 3] = 0
     assert torch.equal(mask, expected)
+
+
+def test_area_threshold_counts_foreground_pixels_and_hands_small_classes_to_the_next_best():
+    # 10x10 cells: background wins 50, sky 44, car 6 (car second-best is sky on those cells).
+    # Car is 6% of all pixels but 6/50 = 12% of the foreground (classes other than 0): the
+    # authors' rule compares with the foreground, so 0.1 keeps car and 0.13 drops it; a dropped
+    # car cell takes its next best class, sky, not the background.
+    table = basis("background").view(-1, 1, 1).repeat(1, 10, 10)
+    table[:, 5:, :] = basis("sky").view(-1, 1, 1)
+    for column in range(6):
+        table[:, 9, column] = basis("car") + 0.5 * basis("sky")
+    features = constant_features(table)
+    images = torch.zeros(1, 3, 160, 160)
+
+    def car_and_sky(area):
+        seg = OpenVocabSegmenter(features, FakeTextEncoder(), CLASSES, area_threshold=area)
+        mask = seg.predict(images, output_size=(10, 10))[0]
+        return int((mask == 3).sum()), int((mask == 1).sum()), int((mask == 0).sum())
+
+    assert car_and_sky(0.1) == (6, 44, 50)
+    assert car_and_sky(0.13) == (0, 50, 50)
 
 
 def test_area_threshold_removes_small_regions():
@@ -152,9 +176,13 @@ def test_area_threshold_removes_small_regions():
     grid[3][4] = "car"
     images = images_for(grid)
     assert 3 in segmenter(grid).predict(images).unique().tolist()
+    plain = segmenter(grid).predict(images)
     cleaned = segmenter(grid, area_threshold=0.05).predict(images)
-    assert cleaned.unique().tolist() == [0, 1]
-    assert (cleaned == 0).sum() == (segmenter(grid).predict(images) == 3).sum()
+    assert 3 not in cleaned.unique().tolist()
+    # Only car pixels change; each takes its next best class, not 0: sky, which the bilinear
+    # logits blend in from the neighbouring cells at every output pixel of the car cell.
+    assert torch.equal(cleaned != plain, plain == 3)
+    assert set(cleaned[plain == 3].tolist()) == {1}
 
 
 def test_text_embeddings_are_computed_once():
@@ -319,3 +347,60 @@ def test_renamed_names_give_their_new_spelling():
         OpenVocabSegmenter(
             features=features_from_names([["sky"]]), encode_text=FakeTextEncoder(), classes=CLASSES
         )
+
+
+def numpy_bilinear(grid, size):
+    """(N, h, w) -> (N, H, W): half-pixel bilinear (align_corners=False), written out in numpy."""
+    import numpy as np
+
+    def axis(count_in, count_out):
+        src = np.maximum((np.arange(count_out) + 0.5) * count_in / count_out - 0.5, 0)
+        low = np.floor(src).astype(int)
+        high = np.minimum(low + 1, count_in - 1)
+        return low, high, src - low
+
+    grid = np.asarray(grid, dtype=np.float64)
+    r0, r1, rw = axis(grid.shape[1], size[0])
+    c0, c1, cw = axis(grid.shape[2], size[1])
+    rows = grid[:, r0] * (1 - rw)[None, :, None] + grid[:, r1] * rw[None, :, None]
+    return rows[:, :, c0] * (1 - cw)[None, None, :] + rows[:, :, c1] * cw[None, None, :]
+
+
+class GridSource(torch.nn.Module):
+    """A dense source with the backbone contract's ``patch_size``/``patch_fit``: pads (``pad``)
+    or expects whole patches (``truncate``), returns fixed random unit features on its grid and
+    records the image size it was given."""
+
+    patch_size = 16
+
+    def __init__(self, fit: str) -> None:
+        super().__init__()
+        self.patch_fit = fit
+        self.seen = None
+        self.table = torch.randn(len(VOCABULARY), 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, images):
+        self.seen = tuple(images.shape[-2:])
+        rows, cols = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
+        return self.table[None, :, :rows, :cols].expand(images.shape[0], -1, -1, -1)
+
+
+@pytest.mark.parametrize(
+    ("fit", "seen", "grid"), [("truncate", (32, 48), (2, 3)), ("pad", (40, 50), (3, 4))]
+)
+def test_logits_are_resized_from_the_grid_straight_to_the_output_like_the_authors(fit, seen, grid):
+    """naomikombol/SPAR segmentor_vit.forward_feature: the grid's cosines go straight to the
+    output size by bilinear interpolation. MaskCLIP's conv drops the partial patches
+    (``truncate``: a 40x50 image gives a 2x3 grid), SigLIP2 pads (3x4 grid stretched over the
+    image, no crop of the padded part)."""
+    import numpy as np
+
+    source = GridSource(fit)
+    seg = OpenVocabSegmenter(source, FakeTextEncoder(), CLASSES, templates="single")
+    logits = seg.name_logits(torch.zeros(1, 3, 40, 50), output_size=(20, 30))[0]
+    assert source.seen == seen
+    features = source.table[:, : grid[0], : grid[1]].numpy()
+    unit = features / np.linalg.norm(features, axis=0, keepdims=True)
+    cosine = np.einsum("chw,nc->nhw", unit, np.eye(len(VOCABULARY)))  # names are basis vectors
+    expected = numpy_bilinear(40.0 * cosine, (20, 30))
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=1e-4)

@@ -106,10 +106,19 @@ class DenseBackbone(nn.Module):
             (``None`` for backbones built directly); recorded in checkpoints.
         compiled_blocks: the compiled ``run_blocks`` (``None``: eager), set by
             :func:`spar.models.compiling.compile_backbone`.
+        patch_fit: how the SPAR authors' evaluation fits an image whose sides are not
+            multiples of ``patch_size`` to the patch grid of a single pass: ``"pad"`` (zero
+            padding at the bottom/right, the grid covers the padding: SigLIP2 through timm's
+            ``dynamic_img_pad``), ``"truncate"`` (the patch convolution drops the last partial
+            row/column: open_clip's ``conv1`` in their MaskCLIP wrapper) or ``"stretch"`` (the
+            image is resized to the nearest multiples first: their DINOv3.txt wrapper).
+            :class:`spar.segmentation.OpenVocabSegmenter` reads it; in every case the grid's
+            logits are then resized to the output size directly, as theirs are.
     """
 
     identity: dict | None = None
     compiled_blocks: Callable[..., torch.Tensor] | None = None
+    patch_fit: str = "pad"
 
     patch_size: int
     embed_dim: int

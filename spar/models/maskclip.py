@@ -111,6 +111,10 @@ def check_self_attention_blocks(blocks: nn.ModuleList) -> None:
 class MaskClipBackbone(OpenClipBackbone):
     """open_clip ``CLIP`` with a ``VisionTransformer`` tower, dense features MaskCLIP-style."""
 
+    # naomikombol/SPAR models/model_open_clip.py (forward): the stride-16 conv1 drops an
+    # image's last partial patch row/column.
+    patch_fit = "truncate"
+
     def __init__(self, model: nn.Module, config: BackboneConfig, **kwargs) -> None:
         visual = model.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
