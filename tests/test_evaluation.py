@@ -134,7 +134,7 @@ def test_protocol_settings_follow_the_paper():
             cfg = compose("eval", [f"dataset={name}", f"backbone={backbone}"])
             return OmegaConf.to_container(cfg, resolve=True)["dataset"]
 
-    voc21, context60, cityscapes = dataset("voc21"), dataset("context60"), dataset("cityscapes")
+    context60, cityscapes = dataset("context60"), dataset("cityscapes")
     # VOC21's thresholds are the authors' for OpenCLIP only (naomikombol/SPAR
     # configs/maskclip/cfg_voc21.py; the siglip2 and dinov3txt configs set none).
     for backbone, thresholds in (
