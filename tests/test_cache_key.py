@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from spar.distill import entry_key, teacher_identity
+from spar.distill import TeacherFeatureCache, TeacherTargets, entry_key, teacher_identity
 from spar.models import SlidingWindowTeacher
 
 IMAGE = {"path": "a.png", "bytes": 10, "mtime_ns": 1}
@@ -57,3 +57,35 @@ def test_an_identity_without_the_dtype_field_is_not_the_current_key(tiny_backbon
     old["format"] = 2
     assert entry_key(old, IMAGE, VIEW) != entry_key(identity, IMAGE, VIEW)
     json.dumps(identity)  # the identity stays plain JSON
+
+
+def test_an_entry_of_the_fp32_teacher_or_of_the_old_format_is_not_read_for_another(
+    tmp_path, tiny_backbone
+):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"pixels")
+    cache = TeacherFeatureCache(tmp_path / "cache")
+    fp32 = TeacherTargets(
+        SlidingWindowTeacher(copy.deepcopy(tiny_backbone), window=64, stride=24),
+        tmp_path,
+        cache=cache,
+    )
+    bf16 = TeacherTargets(
+        SlidingWindowTeacher(
+            copy.deepcopy(tiny_backbone), window=64, stride=24, dtype=torch.bfloat16
+        ),
+        tmp_path,
+        cache=cache,
+    )
+    shape = fp32.shape_for((32, 48))
+    stored = fp32.key_for(image, VIEW)
+    cache.save(stored.name, torch.zeros(shape), stored.description)
+    assert fp32.load(stored, (32, 48)) is not None
+    assert bf16.load(bf16.key_for(image, VIEW), (32, 48)) is None
+    # an entry written before the dtype joined the identity (format 2, no window_dtype field)
+    old_identity = {k: v for k, v in bf16.identity.items() if k != "window_dtype"}
+    old_identity["format"] = 2
+    current = bf16.key_for(image, VIEW)
+    old_key = entry_key(old_identity, current.description["image"], VIEW)
+    cache.save(old_key, torch.zeros(shape), {**current.description, "teacher": old_identity})
+    assert bf16.load(current, (32, 48)) is None
