@@ -1,7 +1,12 @@
-"""DINOv3.txt: shapes, official key names loading strictly, released SPAR weights, end to end."""
+"""DINOv3.txt: shapes, official key names loading strictly, released SPAR weights, end to end;
+the dense features, image fit and RoPE periods of the SPAR authors' code."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import eval_config, miou_from_pngs, small_run, write_benchmark, write_scene_images
 
 from spar.models import SlidingWindowTeacher, WeightLoadingError, backbone_entry, create_backbone
@@ -10,6 +15,16 @@ from spar.models.dinov3txt_layers import DinoTxtArchitecture, DinoTxtModel
 from spar.segmentation import OpenVocabSegmenter
 
 ARCH = TINY_ARCHITECTURE
+# The tiny trunk's RoPE periods 100 ** (2 i / 8), i < 4, rounded to bf16 (8 significant bits):
+# 3.1623 -> 3.15625 and 31.623 -> 31.625, as the official backbone file rounds its periods.
+TINY_BF16_PERIODS = [1.0, 3.15625, 10.0, 31.625]
+
+
+def bf16_rope_periods(arch: DinoTxtArchitecture) -> torch.Tensor:
+    """(head_dim / 4,) DINOv3 RoPE periods (base 100) rounded to bf16, as the official file."""
+    head_dim = arch.width // arch.heads
+    exponents = 2 * torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 2)
+    return (100.0**exponents).bfloat16().float()
 
 
 def official_backbone_state(arch: DinoTxtArchitecture, registers: int = 4) -> dict:
@@ -21,7 +36,7 @@ def official_backbone_state(arch: DinoTxtArchitecture, registers: int = 4) -> di
         "mask_token": torch.zeros(1, width),
         "patch_embed.proj.weight": torch.randn(width, 3, 16, 16) * 0.02,
         "patch_embed.proj.bias": torch.randn(width) * 0.02,
-        "rope_embed.periods": torch.rand(width // arch.heads // 4),
+        "rope_embed.periods": bf16_rope_periods(arch),
         "norm.weight": torch.ones(width),
         "norm.bias": torch.zeros(width),
     }
@@ -185,6 +200,8 @@ def test_released_spar_checkpoint_with_official_trunk_names_loads(official_files
         model.state_dict()["model.visual_model.backbone.reg_token"],
         backbone_state["storage_tokens"],
     )
+    periods = model.model.visual_model.backbone.rope.periods
+    assert periods.tolist() == TINY_BF16_PERIODS
 
 
 def test_official_architecture_fits_the_official_file_layout():
@@ -283,3 +300,102 @@ def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
     assert (
         summary["images"][0]["windows"] >= 1 and (tmp_path / "demo" / "cat_features.png").is_file()
     )
+
+
+# -- the SPAR authors' dense path (naomikombol/SPAR models/model_dinov3txt.py, encode_image) ----
+
+
+def trunk_tokens(backbone: DinoV3TxtBackbone, images: torch.Tensor) -> torch.Tensor:
+    """timm's own ``Eva.forward_features`` (blocks, then the final norm): (B, 5 + N, D)."""
+    return backbone.model.visual_model.backbone.forward_features(images)
+
+
+def as_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, N, C) row-major patch tokens -> (B, C, rows, cols)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols)
+
+
+def test_dense_features_are_the_trunk_norm_patches_without_the_head(tiny):
+    """Output [2] of Meta's get_class_and_patch_tokens: last block, trunk norm, patches only."""
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = as_grid(trunk_tokens(tiny, images)[:, 5:], 4, 5)
+        dense = tiny(images)
+    assert tiny.dense_tokens == "trunk" and dense.shape == (2, ARCH.width, 4, 5)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_patch_tokens_are_an_option():
+    backbone = create_backbone("dinov3txt-tiny", dense_tokens="head")
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        head = backbone.model.visual_model.head(trunk_tokens(backbone, images))
+        dense = backbone(images)
+    torch.testing.assert_close(dense, as_grid(head[:, 5:], 3, 4), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_tokens"):
+        create_backbone("dinov3txt-tiny", dense_tokens="cls")
+
+
+def test_images_off_the_patch_grid_are_stretched_bicubically(tiny):
+    """72 x 100 -> bicubic (align_corners=False) to 80 x 112, then the single pass."""
+    images = torch.randn(1, 3, 72, 100)
+    stretched = F.interpolate(images, size=(80, 112), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        dense = tiny(images)
+        expected = as_grid(trunk_tokens(tiny, stretched)[:, 5:], 5, 7)
+    assert tiny.patch_fit == "stretch" and dense.shape == (1, ARCH.width, 5, 7)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+    on_grid = torch.randn(1, 3, 64, 80)
+    assert tiny.fit_to_patches(on_grid) is on_grid
+
+
+def test_zero_padding_is_an_option():
+    backbone = create_backbone("dinov3txt-tiny", patch_fit="pad")
+    images = torch.randn(1, 3, 72, 100)
+    padded = torch.zeros(1, 3, 80, 112)
+    padded[..., :72, :100] = images
+    with torch.no_grad():
+        dense = backbone(images)
+        expected = as_grid(trunk_tokens(backbone, padded)[:, 5:], 5, 7)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_fit"):
+        create_backbone("dinov3txt-tiny", patch_fit="crop")
+
+
+def numpy_rope(periods: list[float], rows: int, cols: int) -> np.ndarray:
+    """(rows * cols, 2 * head_dim) [sin, cos] of DINOv3's RoPE, in float64 numpy: coordinates
+    of cell centres in [-1, 1] per axis, angles 2 pi coord / period, (y, x) per period, tiled
+    twice (facebookresearch/dinov3 dinov3/layers/rope_position_encoding.py)."""
+    ys = (np.arange(rows) + 0.5) / rows * 2 - 1
+    xs = (np.arange(cols) + 0.5) / cols * 2 - 1
+    coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    angles = 2 * math.pi * coords[:, :, None] / np.asarray(periods)[None, None, :]
+    angles = np.tile(angles.reshape(len(coords), -1), 2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+
+def test_stored_rope_periods_are_loaded_used_and_kept_through_casts(official_files):
+    backbone_path, head_path, _, _ = official_files
+    model = create_backbone(
+        "dinov3txt-tiny", pretrained="official", backbone_weights=backbone_path, weights=head_path
+    )
+    rope = lambda: model.model.visual_model.backbone.rope  # noqa: E731 (a cast may rebind it)
+    assert rope().periods.tolist() == TINY_BF16_PERIODS
+    _, sincos = model.embed(torch.zeros(1, 3, 48, 64))
+    expected = torch.from_numpy(numpy_rope(TINY_BF16_PERIODS, 3, 4)).float()
+    torch.testing.assert_close(sincos, expected, rtol=0, atol=2e-6)
+    model.to(torch.bfloat16)
+    assert rope().periods.dtype == torch.float32
+    assert rope().periods.tolist() == TINY_BF16_PERIODS
+    model.float()
+    assert rope().periods.tolist() == TINY_BF16_PERIODS
+    assert "model.visual_model.backbone.rope.periods" in model.state_dict()
+
+
+def test_float32_periods_survive_a_bf16_round_trip():
+    """Periods that are not bf16 values (nor timm's schedule) come back from bf16 unchanged."""
+    model = create_backbone("dinov3txt-tiny")
+    periods = np.array([1.0, 3.1622777, 10.0, 31.622776], dtype=np.float32) * np.float32(1.5)
+    model.model.visual_model.backbone.rope.periods.copy_(torch.from_numpy(periods))
+    model.to(torch.bfloat16).float()
+    assert model.model.visual_model.backbone.rope.periods.tolist() == periods.tolist()

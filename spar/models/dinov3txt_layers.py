@@ -14,6 +14,7 @@ import open_clip
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import nn
 
 from .base import Tokenizer
@@ -177,8 +178,62 @@ class TextTower(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
 
 
+class StoredPeriodsRope(RotaryEmbeddingDinoV3):
+    """timm's DINOv3 rotary embedding whose ``periods`` (D_head / 4,) are a persistent float32
+    buffer: loaded from the state dict and kept through dtype casts.
+
+    The official backbone file stores ``rope_embed.periods`` rounded to bf16, and Meta's
+    ``RopePositionEmbedding`` (facebookresearch/dinov3 ``dinov3/layers/rope_position_encoding.py``,
+    commit 6876159) computes the angles with those stored values. timm instead drops them and
+    recomputes the periods in float32 (also after every cast to a lower precision), which moves
+    the features by about 3e-3 relative. Here the buffer holds whatever was loaded; a cast of the
+    module (``.to(torch.bfloat16)``, ``.half()``, ``.float()``) moves it to the new device but
+    leaves its float32 values alone, so the angles are always computed from the loaded periods in
+    float32.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("periods", self.periods, persistent=True)
+
+    @classmethod
+    def like(cls, rope: RotaryEmbeddingDinoV3) -> StoredPeriodsRope:
+        """A copy of timm's ``rope`` (same settings and periods) with stored periods."""
+        if rope.feat_shape is not None:
+            raise ValueError("stored RoPE periods need a dynamic-size trunk (no cached grid)")
+        copy = cls(
+            dim=rope.dim,
+            temperature=rope.temperature,
+            min_period=rope.min_period,
+            max_period=rope.max_period,
+            normalize_coords=rope.normalize_coords,
+            grid_offset=rope.grid_offset,
+            grid_indexing=rope.grid_indexing,
+            rotate_half=rope.rotate_half,
+            shift_coords=rope.shift_coords,
+            jitter_coords=rope.jitter_coords,
+            rescale_coords=rope.rescale_coords,
+            device=rope.periods.device,
+        )
+        copy.periods.copy_(rope.periods)
+        return copy
+
+    def _apply(self, fn, recurse: bool = True):
+        stored = self.periods
+        nn.Module._apply(self, fn, recurse)  # not timm's, which recomputes downcast periods
+        moved = self.periods
+        if moved.dtype != stored.dtype:
+            source = moved if stored.is_meta else stored
+            self.periods = source.to(device=moved.device, dtype=stored.dtype)
+        return self
+
+
 class VisionModel(nn.Module):
-    """The timm trunk ``trunk`` at the architecture's size (any input size), then the head."""
+    """The timm trunk ``trunk`` at the architecture's size (any input size), then the head.
+
+    The trunk's rotary embedding is a :class:`StoredPeriodsRope`: its periods are part of the
+    state dict (``visual_model.backbone.rope.periods``).
+    """
 
     def __init__(self, arch: DinoTxtArchitecture, trunk: str, image_size: int) -> None:
         super().__init__()
@@ -192,6 +247,7 @@ class VisionModel(nn.Module):
             dynamic_img_size=True,
             num_classes=0,
         )
+        self.backbone.rope = StoredPeriodsRope.like(self.backbone.rope)
         self.head = VisionHead(arch.width, arch.heads, arch.head_blocks)
 
 
