@@ -11,7 +11,11 @@ Stitching (the paper's teacher). Take the smallest r such that p is a multiple o
 stride s a multiple of c = p / r. Each window's (h, w) map is upsampled bilinearly by r to cells
 of c pixels, added into a canvas of c-pixel cells at the window's offset, divided by the number
 of windows covering each cell, and resized bilinearly to the patch grid. For s a multiple of p,
-r = 1 and this is plain averaging on the patch grid.
+r = 1 and this is plain averaging on the patch grid. Follows naomikombol/SPAR
+(segmentors/segmentor_vit.py, ``compute_upsample_factor``, ``fold_from_patches``; commit
+0f63ff2697096b802153666d6c741203c3c1d491), which takes one square stride; here r, c and the
+offsets are computed per axis from (sy, sx), e.g. stride (32, 24) at p = 16 gives r = (1, 2)
+and cells of 16 x 8 pixels.
 
 Efficiency. A low-precision teacher runs its own copy of the weights in that dtype (no casts at
 every call), window batches are capped by ``batch_size`` and sized from free memory on CUDA, and
