@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -127,29 +126,101 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
+#: cv2's fixed-point resize weights are multiples of 1/2048 (``INTER_RESIZE_COEF_BITS`` = 11).
+_COEF_SCALE = 2048
+
+
+def fit_size(height: int, width: int, bounds: Sequence[int]) -> tuple[int, int]:
+    """(h, w) that an (H, W) image is resized to so that it fits ``bounds`` = (long, short).
+
+    The scale is ``min(long / max(H, W), short / min(H, W))``, up or down, and each side is
+    rounded as ``int(side * scale + 0.5)`` (at least 1): the rule of mmcv's ``rescale_size`` and
+    ``_scale_size`` (open-mmlab/mmcv ``mmcv/image/geometric.py``, commit a8073c74), which
+    mmseg's ``Resize(scale=bounds, keep_ratio=True)`` of the paper's protocol calls.
+    """
+    long_bound, short_bound = max(bounds), min(bounds)
+    scale = min(long_bound / max(height, width), short_bound / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _linear_taps(
+    size_in: int, size_out: int, clamp_weights: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and fixed-point weights of cv2's ``INTER_LINEAR`` along one axis.
+
+    Output pixel ``d`` samples ``f = float32((d + 0.5) * size_in / size_out - 0.5)`` (half-pixel
+    centres, no antialiasing); its two weights, ``1 - frac(f)`` and ``frac(f)``, are each rounded
+    (half to even) to a multiple of 1/2048. Along x (``clamp_weights``) cv2 moves a sample left
+    of the first or right of the last pixel onto that pixel with weights (2048, 0); along y it
+    keeps the weights and clips the row indices, which rounds differently in the vertical pass.
+
+    Returns:
+        first, second: (size_out,) int64 source indices in [0, size_in).
+        w_first, w_second: (size_out,) int32 weights (in 1/2048).
+    """
+    scale = 1.0 / (size_out / size_in)  # as cv2: 1 / inv_scale, inv_scale = out / in (double)
+    where = ((np.arange(size_out, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(where).astype(np.int64)
+    frac = (where - first.astype(np.float32)).astype(np.float32)
+    if clamp_weights:
+        frac[(first < 0) | (first >= size_in - 1)] = 0
+    second = np.clip(first + 1, 0, size_in - 1)
+    first = np.clip(first, 0, size_in - 1)
+    w_first = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
+    w_second = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
+    return tuple(torch.from_numpy(a).to(device) for a in (first, second, w_first, w_second))
+
+
+def resize_levels_bilinear(levels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of 8-bit levels, bit for bit as ``cv2.resize(INTER_LINEAR)`` on uint8.
+
+    Half-pixel centres and no antialiasing (downscaling samples 2x2 neighbours only), in cv2's
+    fixed-point arithmetic: weights in 1/2048, a horizontal pass in integers, then the
+    vertical pass of cv2's vectorised kernel, ``(hi16((a >> 4) * b0) + hi16((c >> 4) * b1)
+    + 2) >> 2`` saturated to [0, 255]. Matches opencv-python-headless 5.1 exactly on the test
+    images of ``tests/test_resize_mmcv.py`` (JPEGs and noise, down- and up-scaled).
+
+    Args:
+        levels: (..., H, W) integer tensor with values in [0, 255].
+        size: (h, w) output size.
+    Returns:
+        (..., h, w) int32 levels in [0, 255], on ``levels``' device.
+    """
+    height, width = levels.shape[-2:]
+    x0, x1, a0, a1 = _linear_taps(width, size[1], True, levels.device)
+    y0, y1, b0, b1 = _linear_taps(height, size[0], False, levels.device)
+    source = levels.to(torch.int32)
+    rows = source.index_select(-1, x0) * a0 + source.index_select(-1, x1) * a1  # <= 255 * 2048
+    top = (rows.index_select(-2, y0) >> 4) * b0[:, None]
+    bottom = (rows.index_select(-2, y1) >> 4) * b1[:, None]
+    return (((top >> 16) + (bottom >> 16) + 2) >> 2).clamp(0, 255)
+
+
 def resize_to_fit(image: torch.Tensor, bounds: Sequence[int] = (2048, 672)) -> torch.Tensor:
     """Resize keeping the aspect ratio so the image fits (long side, short side) ``bounds``.
 
-    The image is scaled by ``min(long / max(H, W), short / min(H, W))``, up or down, as in the
-    mmsegmentation ``Resize(keep_ratio=True)`` used by the paper's protocol.
+    The paper's protocol, mmseg's ``Resize(scale=bounds, keep_ratio=True)``: the size of
+    :func:`fit_size` (mmcv's ``rescale_size``), and mmcv's ``imresize`` (open-mmlab/mmcv
+    ``mmcv/image/geometric.py``, commit a8073c74), i.e. ``cv2.resize(INTER_LINEAR)`` of the
+    uint8 image: bilinear, half-pixel centres, *no* antialiasing, whole 8-bit levels out. The
+    image is taken to 8-bit levels (``round(255 * x)``, clipped to [0, 255]; 8-bit files load
+    as exact levels, 16-bit ones are quantised as mmseg's 8-bit loading does), resized by
+    :func:`resize_levels_bilinear` (exactly cv2's arithmetic) and divided by 255 again.
+    An image already at its fitted size is returned unchanged.
 
     Args:
-        image: (3, H, W) or (B, 3, H, W) float tensor.
+        image: (3, H, W) or (B, 3, H, W) float tensor in [0, 1].
         bounds: (long, short) bound in pixels.
     Returns:
-        The resized tensor, same number of dimensions.
+        The resized tensor, same number of dimensions, dtype and device; values k / 255.
     """
-    long_bound, short_bound = max(bounds), min(bounds)
     height, width = image.shape[-2:]
-    scale = min(long_bound / max(height, width), short_bound / min(height, width))
-    size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+    size = fit_size(height, width, bounds)
     if size == (height, width):
         return image
-    batched = image if image.ndim == 4 else image[None]
-    resized = F.interpolate(
-        batched, size=size, mode="bilinear", align_corners=False, antialias=True
-    )
-    return resized if image.ndim == 4 else resized[0]
+    levels = (image.float() * 255).round().clamp(0, 255)
+    resized = resize_levels_bilinear(levels, size)
+    return (resized.float() / 255).to(image.dtype)
 
 
 def to_model_input(
