@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import eval_config, miou_from_pngs, small_run, write_benchmark, write_scene_images
+from helpers import (
+    CONFIGS,
+    eval_config,
+    miou_from_pngs,
+    small_run,
+    write_benchmark,
+    write_scene_images,
+)
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from spar.models import SlidingWindowTeacher, WeightLoadingError, backbone_entry, create_backbone
 from spar.models.dinov3txt import TINY_ARCHITECTURE, DinoV3TxtBackbone, official_state
@@ -399,3 +408,16 @@ def test_float32_periods_survive_a_bf16_round_trip():
     model.model.visual_model.backbone.rope.periods.copy_(torch.from_numpy(periods))
     model.to(torch.bfloat16).float()
     assert model.model.visual_model.backbone.rope.periods.tolist() == periods.tolist()
+
+
+def test_backbone_config_names_the_papers_dense_path_and_overrides_it():
+    def backbone(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("eval", ["backbone=dinov3txt", *overrides])
+        settings = OmegaConf.to_container(cfg, resolve=True)["backbone"]
+        return {k: settings[k] for k in ("dense_tokens", "patch_fit")}
+
+    assert backbone() == {"dense_tokens": "trunk", "patch_fit": "stretch"}
+    changed = backbone("backbone.dense_tokens=head", "backbone.patch_fit=pad")
+    built = create_backbone("dinov3txt-tiny", **changed)
+    assert (built.dense_tokens, built.patch_fit) == ("head", "pad")
