@@ -4,6 +4,8 @@ Each image is resized keeping its aspect ratio to fit ``bounds`` (long, short), 
 features (student single pass, or the sliding-window teacher) are compared with the class-name
 embeddings, the scaled logits are upsampled bilinearly to the label's original size, and the
 argmax (after optional background thresholds) is counted in a confusion matrix over the split.
+With a refine stage that has bounds of its own (LPOSS / LPOSS+), that stage gets the original
+image and resizes it once itself, as the published LPOSS pipeline does.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ def evaluate_benchmark(
             else:
                 PerImageResults.add_to(metric, record)
                 resumed += 1
+    input_bounds = _segmenter_input_bounds(segmenter, bounds)
     remaining = [i for i, sample in enumerate(dataset.samples) if sample.name not in done]
     loader = context.shard_loader(
         Subset(dataset, remaining), num_workers, pin_memory=device.type == "cuda"
@@ -194,7 +197,7 @@ def evaluate_benchmark(
                 )
             continue
         label = item["label"]
-        _, inputs = prepare_image(item["image"], bounds, mean, std, device)
+        _, inputs = prepare_image(item["image"], input_bounds, mean, std, device)
         with torch.no_grad(), autocast():
             prediction = segmenter.predict(inputs, output_size=tuple(label.shape))[0].cpu()
         image_metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
@@ -232,6 +235,20 @@ def evaluate_benchmark(
         "seconds": seconds,
         "images_per_second": evaluated / max(seconds, 1e-9),
     }
+
+
+def _segmenter_input_bounds(
+    segmenter: OpenVocabSegmenter, bounds: Sequence[int]
+) -> Sequence[int] | None:
+    """The bounds the evaluation resizes an image to before the segmenter sees it.
+
+    A refine stage with bounds of its own (LPOSS / LPOSS+, ``refine.short_side``) gets the
+    original image and resizes it once itself, as the published LPOSS pipeline resizes the
+    original to fit (2048, 448) (vladan-stojnic/LPOSS ``segmentation/configs/_base_/datasets``):
+    ``None`` (no resize here). Otherwise ``bounds``.
+    """
+    refiner_bounds = getattr(getattr(segmenter, "refiner", None), "bounds", None)
+    return None if refiner_bounds is not None else bounds
 
 
 def format_results_table(results: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@ strictly. What it computes, for an image (B, 3, H, W) and features (B, C, h, w) 
 - queries: a query encoder on it, average-pooled to the output size, then a 3x3 convolution;
 - keys: a key encoder on it, pooled to (h, w), concatenated with the "feature unification" of
   the L2-normalised features (128 learned 5x5 basis kernels convolved with every channel, a
-  softmax over the bases, averaged over the channels; any C in, 128 out), aggregated;
+  softmax over groups of those responses laid out as in the authors' code, averaged; any C
+  in, 128 out; see ``_FeatureUnification``), aggregated;
 - windowed cross-attention (4 heads, RMS-normalised queries and keys, each query sees the keys
   within ``window_ratio`` = 0.1 of the image extent around it); the head-averaged attention
   weights mix the *input* features, so every output vector is a convex combination of input
@@ -68,8 +69,18 @@ class _FeatureUnification(nn.Module):
     """Any number of channels -> ``bases`` channels: (B, C, h, w) -> (B, bases, h, w).
 
     Every channel is convolved (zero padding, divided by the number of pixels inside the image)
-    with each basis kernel; a softmax over the bases, averaged over the channels. Channels are
-    processed ``channel_chunk`` at a time, which bounds the (B, bases, chunk, h, w) temporary.
+    with each basis kernel, which gives C x bases responses in channel-major order: flat index
+    ``f = c * bases + m`` is channel c convolved with basis m. As in the authors' code (the code
+    the released weights were trained with: wimmerth/anyup ``anyup/layers/feature_unification.py``,
+    ``LearnedFeatureUnification.forward``, commit 351807a9c4287368732cc247f26c7c81c9139af4),
+    those responses are then read as a (bases, C) grid, ``f = p * C + q``: output channel p is
+    the softmax over p of each column q, averaged over the C columns. A column q gathers the
+    responses f = q, q + C, q + 2C, ..., so a softmax mixes channels and bases (the paper
+    describes a softmax over the bases of one channel; the checkpoints follow the code).
+
+    Columns are processed ``channel_chunk`` at a time: each chunk convolves only the
+    (channel, basis) pairs its columns need, so the temporary is (B, bases, chunk, h, w)
+    and every pair is computed once over all chunks, as in the unchunked code.
     """
 
     def __init__(
@@ -79,20 +90,22 @@ class _FeatureUnification(nn.Module):
         self.basis = nn.Parameter(torch.randn(bases, 1, kernel, kernel, device=device))
 
     def forward(self, features: torch.Tensor, channel_chunk: int = 64) -> torch.Tensor:
+        """(B, C, h, w) -> (B, bases, h, w)."""
         batch, channels, height, width = features.shape
         bases, _, kernel, _ = self.basis.shape
         pad = kernel // 2
+        padded = F.pad(features, (pad,) * 4)
         ones = features.new_ones(1, 1, height, width)
         inside = F.conv2d(F.pad(ones, (pad,) * 4), features.new_ones(1, 1, kernel, kernel))
+        rows = torch.arange(bases, device=features.device)[:, None]  # p
         total = 0
         for start in range(0, channels, channel_chunk):
-            chunk = features[:, start : start + channel_chunk]
-            count = chunk.shape[1]
-            responses = F.conv2d(
-                F.pad(chunk, (pad,) * 4), self.basis.repeat(count, 1, 1, 1), groups=count
-            )
-            responses = (responses / inside).view(batch, count, bases, height, width)
-            total = total + responses.softmax(dim=2).sum(dim=1)
+            columns = torch.arange(start, min(start + channel_chunk, channels), device=rows.device)
+            flat = (rows * channels + columns).flatten()  # (bases * chunk,) in (p, q) order
+            channel, basis = flat // bases, flat % bases
+            responses = F.conv2d(padded[:, channel], self.basis[basis], groups=flat.numel())
+            responses = (responses / inside).view(batch, bases, columns.numel(), height, width)
+            total = total + responses.softmax(dim=1).sum(dim=2)
         return total / channels
 
 

@@ -1,8 +1,8 @@
 """The refinement stages from configuration (``configs/refine``, ``configs/upsample``).
 
 ``refine``: ``{name: none | lposs | lposs_plus, affinity: {model, weights, options}, window,
-stride, short_side, k, gamma, sigma, alpha, tol, max_iter, neighbourhood, tau, lab_scale,
-batch_size, knn_block}``. ``upsample``: ``{name: bilinear | anyup, weights, chunk_size,
+stride, short_side, long_side, k, gamma, sigma, alpha, tol, max_iter, neighbourhood, tau,
+lab_scale, batch_size, knn_block}``. ``upsample``: ``{name: bilinear | anyup, weights, chunk_size,
 precision}``. ``weights`` is ``hub`` (the published weights, downloaded once into the hub
 cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no code runs), or
 ``null`` (random weights: for timing the stages, never for results).
@@ -29,6 +29,7 @@ _LPOSS_SETTINGS = (
     "window",
     "stride",
     "short_side",
+    "long_side",
     "k",
     "gamma",
     "sigma",

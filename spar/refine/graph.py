@@ -29,7 +29,7 @@ def conjugate_gradient(
     rhs: torch.Tensor,
     initial: torch.Tensor | None = None,
     tol: float = 1e-6,
-    max_iter: int = 50,
+    max_iter: int = 10,
 ) -> torch.Tensor:
     """Solve ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec``.
 
@@ -37,8 +37,12 @@ def conjugate_gradient(
         matvec: ``x -> A x`` for tensors shaped like ``rhs``.
         rhs: (M, ...) float, M right-hand sides (one per class), each solved on its own.
         initial: starting guess shaped like ``rhs`` (default zeros).
-        tol: a column stops once ``||b - A x|| <= tol * ||b||`` (SciPy's relative tolerance).
-        max_iter: at most this many iterations (the published LPOSS setting: 50).
+        tol: a column stops once ``||b - A x|| <= tol * ||b||``, checked after every iteration
+            (relative to ``||b||``, as CuPy's ``cg(tol=...)`` and SciPy's ``cg(rtol=...)``).
+        max_iter: at most this many iterations. The published LPOSS code solves with
+            ``tol=1e-6, maxiter=10`` (vladan-stojnic/LPOSS ``segmentation/evaluation/
+            lposs_eval.py``, ``dfs_search``, commit e489a7445528922ddfe4e39631ef2fe34827c873),
+            for patches and for pixels alike: 10 is the default.
 
     Returns:
         (M, ...) the solutions, in ``rhs``'s dtype and device.
@@ -72,7 +76,7 @@ def propagate(
     scores: torch.Tensor,
     alpha: float = 0.95,
     tol: float = 1e-6,
-    max_iter: int = 50,
+    max_iter: int = 10,
 ) -> torch.Tensor:
     """Label propagation: solve ``(I - alpha * Wn) Z = Y`` by :func:`conjugate_gradient`.
 

@@ -1,13 +1,15 @@
 """LPOSS and LPOSS+: training-free label propagation over patches, then over pixels
 (Stojnic, Kalantidis, Tolias, CVPR 2025), in plain torch.
 
-LPOSS. The image (resized so that its short side is ``short_side``) is cut into ``window``
-windows at ``stride``. For every window, the label source gives per-patch class scores Y (raw
-cosines of dense features with the text embeddings) and the affinity backbone gives per-patch
-features (DINO ViT-B/16 value features of the last block, L2-normalised). One kNN graph joins
-all patches of all windows (:func:`spar.refine.graph.knn_patch_graph`), and per class
-``(I - alpha Wn) Z = Y`` is solved by conjugate gradient. Every window's Z is brought to the
-window's pixels (bilinear, or AnyUp) and the windows are averaged where they overlap.
+LPOSS. The image, resized once to fit (``long_side``, ``short_side``) = (2048, 448) as the published
+test pipeline does (mmcv ``Resize``, keep ratio, cv2 bilinear; here
+:func:`spar.data.images.resize_to_fit`), is cut into ``window`` windows at ``stride``. For every
+window, the label source gives per-patch class scores Y (raw cosines of dense features with the text
+embeddings) and the affinity backbone gives per-patch features (DINO ViT-B/16 value features of the
+last block, L2-normalised). One kNN graph joins all patches of all windows
+(:func:`spar.refine.graph.knn_patch_graph`), and per class ``(I - alpha Wn) Z = Y`` is solved by
+conjugate gradient. Every window's Z is brought to the window's pixels (bilinear, or AnyUp) and the
+windows are averaged where they overlap.
 
 LPOSS+. A second propagation over pixels: a 13x13 neighbourhood graph weighted by
 ``exp(-||Lab_i - Lab_j|| / tau)`` with Lab divided by (100, 128, 128), the same alpha and solver,
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import to_model_input
+from ..data.images import resize_to_fit, to_model_input
 from ..models.teacher import window_offsets
 from .colour import rgb_to_lab
 from .graph import PixelGraph, knn_patch_graph, propagate
@@ -82,31 +84,29 @@ def bilinear_to_pixels(
     return padded[..., :height, :width]
 
 
-def resize_short_side(pixels: torch.Tensor, short_side: int | None) -> torch.Tensor:
-    """(B, 3, H, W) -> resized keeping the aspect ratio so that min(H, W) = ``short_side``."""
-    if short_side is None or min(pixels.shape[-2:]) == short_side:
-        return pixels
-    scale = short_side / min(pixels.shape[-2:])
-    size = tuple(max(1, round(side * scale)) for side in pixels.shape[-2:])
-    return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 class LPOSS(nn.Module):
     """LPOSS (and, with ``pixel_refine``, LPOSS+) label propagation.
 
-    Defaults are the published settings for ViT-B/16 (LPOSS's configs): windows of 224 at stride
-    112 on images with a short side of 448; k = 400 neighbours, ``gamma`` = 3, ``sigma`` = 0.01
-    (edge ``max(sim, 0)^3 exp(-0.01 d)``, d in pixels between patch centres), ``alpha`` = 0.95,
-    CG tolerance 1e-6 and at most 50 iterations; LPOSS+: 13x13 neighbourhoods, ``tau`` = 0.01,
-    Lab scaled by (100, 128, 128).
+    Defaults are the published settings for ViT-B/16 (LPOSS's configs): windows of 224 at stride 112
+    on the image resized to fit (2048, 448) (``img_scale=(2048, 448)``, keep ratio, in
+    vladan-stojnic/LPOSS ``segmentation/configs/_base_/datasets/*.py``); k = 400 neighbours,
+    ``gamma`` = 3, ``sigma`` = 0.01 (edge ``max(sim, 0)^3 exp(-0.01 d)``, d in pixels between patch
+    centres), ``alpha`` = 0.95, CG tolerance 1e-6 (relative to ||Y||) and at most 10 iterations
+    (``dfs_search`` in vladan-stojnic/LPOSS ``segmentation/evaluation/lposs_eval.py``, commit
+    e489a7445528922ddfe4e39631ef2fe34827c873, for both stages); LPOSS+: 13x13 neighbourhoods,
+    ``tau`` = 0.01, Lab scaled by (100, 128, 128).
 
     Shapes: :meth:`forward` takes pixels (B, 3, H, W) in [0, 1] and returns (B, M, H', W')
-    float32 propagated scores at the working size (H', W') (short side ``short_side``).
+    float32 propagated scores at the working size (H', W'): the size that fits the bounds.
 
     Args:
         affinity: the affinity backbone (:class:`AffinityBackbone`).
         window, stride: window side and stride in pixels (multiples of the patch size).
-        short_side: the working size's short side (``None``: the input size).
+        short_side, long_side: the bounds the input is resized to fit, by
+            :func:`spar.data.images.resize_to_fit` (mmcv's rule: the short side becomes
+            ``short_side`` unless the long side would pass ``long_side``); ``short_side=None``:
+            the input size. Give the original image to follow the published pipeline (one
+            resize); :func:`spar.evaluation.evaluate_benchmark` does.
         batch_size: windows per forward of the label source and the affinity backbone.
         knn_block: rows per block of the kNN search.
     """
@@ -118,12 +118,13 @@ class LPOSS(nn.Module):
         window: int = 224,
         stride: int = 112,
         short_side: int | None = 448,
+        long_side: int = 2048,
         k: int = 400,
         gamma: float = 3.0,
         sigma: float = 0.01,
         alpha: float = 0.95,
         tol: float = 1e-6,
-        max_iter: int = 50,
+        max_iter: int = 10,
         pixel_refine: bool = False,
         neighbourhood: int = 13,
         tau: float = 0.01,
@@ -135,12 +136,18 @@ class LPOSS(nn.Module):
         if window <= 0 or stride <= 0 or stride > window:
             raise ValueError(f"need 0 < stride <= window, got window {window}, stride {stride}")
         self.affinity = affinity
-        self.window, self.stride, self.short_side = window, stride, short_side
+        self.window, self.stride = window, stride
+        self.short_side, self.long_side = short_side, long_side
         self.k, self.gamma, self.sigma = k, gamma, sigma
         self.alpha, self.tol, self.max_iter = alpha, tol, max_iter
         self.pixel_refine, self.neighbourhood, self.tau = pixel_refine, neighbourhood, tau
         self.lab_scale = tuple(lab_scale)
         self.batch_size, self.knn_block = batch_size, knn_block
+
+    @property
+    def bounds(self) -> tuple[int, int] | None:
+        """(long, short) bound of the working size, ``None`` when the input size is kept."""
+        return None if self.short_side is None else (self.long_side, self.short_side)
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """(top, left, bottom, right) of every window over an (height, width) image."""
@@ -169,9 +176,11 @@ class LPOSS(nn.Module):
             patch_size: the label source's patch size (its grid covers padded windows).
 
         Returns:
-            (B, M, H', W') float32 at the working size (short side ``short_side``).
+            (B, M, H', W') float32 at the working size (fitted to :attr:`bounds`).
         """
-        pixels = resize_short_side(pixels.float(), self.short_side)
+        pixels = pixels.float()
+        if self.bounds is not None:
+            pixels = resize_to_fit(pixels, self.bounds)
         if to_pixels is None:
 
             def to_pixels(window_pixels, _features, scores):
