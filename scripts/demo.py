@@ -9,12 +9,14 @@ from spar.data import list_images
 from spar.data.images import set_max_image_pixels
 from spar.demo import SAMPLE_IMAGES, compare_teacher_student
 from spar.models import build_teacher, create_backbone
+from spar.models.teacher import check_teacher_settings
 from spar.utils import resolve_device
 
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
     set_max_image_pixels(cfg.max_image_pixels)
     device = resolve_device(cfg.device)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)

@@ -15,7 +15,7 @@ from spar.features import extract_features
 from spar.io import atomic_write_json
 from spar.models import compile_report, create_backbone, dense_features
 from spar.models.compiling import check_compile_target, describe_compile_report
-from spar.models.teacher import check_feature_source
+from spar.models.teacher import check_feature_source, check_teacher_settings
 from spar.utils import resolve_device
 
 register_run_id_resolver()
@@ -24,6 +24,8 @@ register_run_id_resolver()
 @hydra.main(config_path="../configs", config_name="extract_features", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    if cfg.features == "teacher":
+        check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(cfg.output) if cfg.output else run_dir / "features"
     check_feature_source(cfg.features)

@@ -18,6 +18,7 @@ from spar.distributed import register_run_id_resolver
 from spar.io import atomic_save_image
 from spar.models import build_teacher, compile_report, create_backbone
 from spar.models.compiling import describe_compile_report
+from spar.models.teacher import check_teacher_settings
 from spar.refine import build_stages, check_stage_settings
 from spar.utils import resolve_device
 from spar.viz import feature_picture, segmentation_picture, side_by_side, source_title
@@ -28,6 +29,8 @@ register_run_id_resolver()
 @hydra.main(config_path="../configs", config_name="segment", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    if cfg.show_teacher:
+        check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     stages = {group: OmegaConf.to_container(cfg[group]) for group in ("refine", "upsample")}
     check_stage_settings(stages.get("refine"), stages.get("upsample"))  # before any long work

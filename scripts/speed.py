@@ -16,6 +16,7 @@ from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distributed import register_run_id_resolver
 from spar.io import atomic_write_bytes, atomic_write_json
 from spar.models import create_backbone
+from spar.models.teacher import check_teacher_settings
 from spar.speed import (
     format_stage_table,
     format_table,
@@ -35,6 +36,7 @@ register_run_id_resolver()
 @hydra.main(config_path="../configs", config_name="speed", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
     configure_matmul_precision(cfg.tf32)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)

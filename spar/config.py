@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
@@ -151,11 +153,27 @@ def report_user_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except _user_error_types() as error:
+            _remove_unused_run_folder()
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             raise SystemExit(f"error: {error}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _remove_unused_run_folder() -> None:
+    """After a user error, remove the Hydra run folder when it holds nothing but Hydra's own
+    ``.hydra/`` (the run stopped before writing anything), so that no empty run is left
+    behind. A folder with anything else in it (a resumed run, a user's folder) is kept."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not under @hydra.main (a notebook call): nothing to clean
+        return
+    entries = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if entries <= {".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def used_config_groups() -> str:

@@ -332,6 +332,10 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
 def check_eval_settings(config: dict[str, Any]) -> None:
     """Check the values ``run_evaluation`` reads besides the model and the stages, before any
     long work; errors (:class:`~spar.config.SettingError`) name the key and the value."""
+    if config.get("features") == "teacher":
+        from .models.teacher import check_teacher_settings
+
+        check_teacher_settings(config.get("teacher"), config["backbone"]["name"])
     bounds = config["dataset"].get("bounds")
     require(
         isinstance(bounds, list | tuple)

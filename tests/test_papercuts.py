@@ -81,3 +81,42 @@ def test_a_run_folder_holds_no_empty_log(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "scene_00_segmentation.png").is_file()
     assert not list(run_dir.glob("*.log"))
+
+
+def test_a_stride_larger_than_the_window_is_a_short_error_before_any_work(tmp_path):
+    """`teacher.stride=500` printed a traceback after the model was built; now a one-line
+    error naming the key, the value and the window, and no run folder is left behind."""
+    run_dir = tmp_path / "run"
+    result = _script("train.py", "teacher.stride=500", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: teacher.stride [500, 500] is larger than teacher.window [224, 224] (the tiny "
+        "backbone's native size): pixels between windows would be left uncovered; use a stride "
+        "of at most the window"
+    ]
+    assert not run_dir.exists()
+
+
+def test_teacher_settings_are_checked_the_same_everywhere():
+    from omegaconf import OmegaConf
+
+    from spar.config import SettingError
+    from spar.models import SlidingWindowTeacher, create_backbone
+    from spar.models.teacher import check_teacher_settings
+
+    pair = OmegaConf.create({"stride": [24, 32], "window": None})
+    check_teacher_settings(pair, "maskclip")  # a ListConfig pair, as `teacher.stride=[24,32]`
+    teacher = SlidingWindowTeacher(create_backbone("tiny"), stride=pair.stride)
+    assert teacher.stride == (24, 32)
+    for settings, message in (
+        ({"stride": [600, 24]}, r"teacher.stride \[600, 24\] is larger than teacher.window"),
+        ({"stride": 0}, "teacher.stride must be positive"),
+        ({"stride": 24, "window": [64, 48], "batch_size": 0}, "teacher.batch_size must be"),
+        (
+            {"stride": 24, "window": [16, 16]},
+            r"\[24, 24\] is larger than teacher.window \[16, 16\]:",
+        ),
+    ):
+        with pytest.raises(SettingError, match=message):
+            check_teacher_settings(settings, "siglip2")

@@ -144,6 +144,7 @@ def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, Traine
         ImportError: ``trainer.tensorboard=true`` without the ``tensorboard`` package.
     """
     from ..models.compiling import check_compile_setting
+    from ..models.teacher import check_teacher_settings
     from .checkpointing import check_resumable  # checkpointing imports torch models
 
     optim = settings_from(OptimSettings, dict(config["optim"]), "optim")
@@ -163,7 +164,7 @@ def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, Traine
             cache_dir,
             "a folder",
         )
-    require_int("teacher.batch_size", teacher.get("batch_size", 1), 1)
+    check_teacher_settings(teacher, config["backbone"]["name"])
     data = config["train_images"]
     require_int("train_images.max_images", data.get("max_images"), 1, optional=True)
     require_int("train_images.draws_per_image", data.get("draws_per_image", 1), 1)
@@ -171,7 +172,6 @@ def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, Traine
     _check_heldout(config["heldout"])
     require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
     check_compile_setting(config.get("compile", False))
-    check_compile_setting(teacher.get("compile", False), "teacher.compile")
     if config.get("resume") is not None:
         check_resumable(config["resume"])
     return optim, trainer

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig
 from torch import nn
 
 from ..utils import autocast_dtype, module_device
@@ -43,8 +44,12 @@ FREE_MEMORY_FRACTION = 0.8  # of the free CUDA memory that window batches may ta
 PROBE_WINDOWS = 4  # windows run to measure the memory of one window (CUDA)
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    # Any sequence (a Hydra ListConfig from `teacher.stride=[24,32]` too), but not a string.
+    if isinstance(value, Sequence | ListConfig) and not isinstance(value, str | bytes):
+        pair = tuple(value)
+    else:
+        pair = (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) <= 0:
@@ -464,6 +469,41 @@ class SlidingWindowTeacher(nn.Module):
 
 
 TEACHER_SETTINGS = ("window", "stride", "batch_size", "compile")
+
+
+def check_teacher_settings(
+    settings: Mapping[str, Any] | None, backbone: str, key: str = "teacher"
+) -> None:
+    """Check a ``configs/teacher`` node for backbone ``backbone`` (a registered name) before any
+    model is built: ``stride`` and ``window`` are positive ints or pairs, the stride is at most
+    the window (``window: null`` is the backbone's native size), ``batch_size`` a positive int
+    and ``compile`` a compile setting.
+
+    Raises:
+        SettingError: one line naming the key and the value, e.g. ``teacher.stride [500, 500]
+            is larger than teacher.window [224, 224] (the maskclip backbone's native size)``.
+    """
+    from ..config import SettingError, require_int
+    from .registry import backbone_entry
+
+    settings = settings or {}
+    try:
+        stride = _pair(settings.get("stride", 24), f"{key}.stride")
+        window_value = settings.get("window")
+        if window_value is None:
+            native = backbone_entry(backbone).config.native_size
+            window, where = (native, native), f" (the {backbone} backbone's native size)"
+        else:
+            window, where = _pair(window_value, f"{key}.window"), ""
+    except ValueError as error:
+        raise SettingError(str(error)) from None
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise SettingError(
+            f"{key}.stride {list(stride)} is larger than {key}.window {list(window)}{where}: "
+            "pixels between windows would be left uncovered; use a stride of at most the window"
+        )
+    require_int(f"{key}.batch_size", settings.get("batch_size", 32), 1)
+    check_compile_setting(settings.get("compile", False), f"{key}.compile")
 
 
 def build_teacher(
