@@ -190,10 +190,12 @@ def resize_levels_bilinear(levels: torch.Tensor, size: Sequence[int]) -> torch.T
     x0, x1, a0, a1 = _linear_taps(width, size[1], True, levels.device)
     y0, y1, b0, b1 = _linear_taps(height, size[0], False, levels.device)
     source = levels.to(torch.int32)
-    rows = source.index_select(-1, x0) * a0 + source.index_select(-1, x1) * a1  # <= 255 * 2048
-    top = (rows.index_select(-2, y0) >> 4) * b0[:, None]
-    bottom = (rows.index_select(-2, y1) >> 4) * b1[:, None]
-    return (((top >> 16) + (bottom >> 16) + 2) >> 2).clamp(0, 255)
+    rows = source.index_select(-1, x0) * a0  # (..., H, w) horizontal pass, <= 255 * 2048
+    rows += source.index_select(-1, x1) * a1
+    rows >>= 4
+    out = rows.index_select(-2, y0).mul_(b0[:, None]).bitwise_right_shift_(16)
+    out += rows.index_select(-2, y1).mul_(b1[:, None]).bitwise_right_shift_(16)
+    return out.add_(2).bitwise_right_shift_(2).clamp_(0, 255)
 
 
 def resize_to_fit(image: torch.Tensor, bounds: Sequence[int] = (2048, 672)) -> torch.Tensor:
