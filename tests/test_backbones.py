@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
 from safetensors.torch import save_file
 
 from spar.models import (
@@ -97,12 +98,21 @@ def test_any_resolution_gives_the_patch_grid(tiny_backbones, name, size):
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_sizes_off_the_patch_multiple_are_zero_padded(tiny_backbones, name):
+def test_sizes_off_the_patch_multiple_follow_the_backbones_patch_fit(tiny_backbones, name):
+    """The single pass fits a 100x150 image to the 16-px grid as the SPAR authors' wrapper of
+    that family does: zero padding to 112x160 (MaskCLIP path, SigLIP2: the forward's own
+    grid) or a bicubic stretch to 112x160 (DINOv3.txt, naomikombol/SPAR
+    models/model_dinov3txt.py)."""
     backbone = tiny_backbones(name)
     images = torch.randn(1, 3, 100, 150)
-    padded = F.pad(images, (0, 10, 0, 12))
+    if backbone.patch_fit == "stretch":
+        fitted = F.interpolate(images, size=(112, 160), mode="bicubic", align_corners=False)
+    else:
+        fitted = F.pad(images, (0, 10, 0, 12))
     with torch.no_grad():
-        torch.testing.assert_close(backbone(images), backbone(padded), rtol=0, atol=0)
+        torch.testing.assert_close(backbone(images), backbone(fitted), rtol=0, atol=0)
+    expected = {"tiny": "truncate", "siglip2-tiny": "pad", "dinov3txt-tiny": "stretch"}
+    assert backbone.patch_fit == expected.get(name, backbone.patch_fit)
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
@@ -347,9 +357,13 @@ def test_trainable_blocks_counted(name, spec, indices):
     assert trainable <= {"model"}
 
 
-def test_default_trains_the_last_two_blocks(tiny_backbone):
-    assert tiny_backbone.num_trainable_parameters() == _block_params(tiny_backbone, [2, 3])
-    assert all(not p.requires_grad for p in tiny_backbone.model.transformer.parameters())
+def test_notebook_default_trains_nothing_and_training_configs_train_the_last_two(tiny_backbone):
+    assert tiny_backbone.num_trainable_parameters() == 0  # inference builds no autograd graph
+    trained = create_backbone("tiny", trainable_blocks="last-2")
+    assert trained.num_trainable_parameters() == _block_params(trained, [2, 3])
+    for name in ("tiny", "maskclip", "siglip2", "dinov3txt"):
+        text = (ROOT / "configs" / "backbone" / f"{name}.yaml").read_text()
+        assert "trainable_blocks: last-2" in text, name
 
 
 @pytest.mark.parametrize("spec", ["last-5", "first-2", [4], [-5], "lastN", True])

@@ -97,7 +97,8 @@ def test_plain_state_dict_loads(tmp_path, source, suffix):
 
 
 def test_our_checkpoint_is_detected(tmp_path, tiny_backbone):
-    path = save_checkpoint(tmp_path / "ours.safetensors", tiny_backbone)
+    trained = create_backbone("tiny", trainable_blocks="last-2")
+    path = save_checkpoint(tmp_path / "ours.safetensors", trained)
     fresh = create_backbone("tiny")
     assert load_any_checkpoint(fresh, path)["format"] == "spar"
 

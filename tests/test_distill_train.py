@@ -79,7 +79,7 @@ def test_checkpoint_loads_through_create_backbone(tmp_path):
     tensors, metadata = read_checkpoint(checkpoint)
     assert metadata["backbone"]["name"] == "tiny"
     assert metadata["extra"]["run"]["teacher"]["stride"] == 24
-    pretrained = create_backbone("tiny")
+    pretrained = create_backbone("tiny", trainable_blocks="last-2")
     distilled = create_backbone("tiny", checkpoint=checkpoint)
     # Only the two trainable blocks are stored, and they differ from the pretrained ones.
     assert all(".resblocks.2." in k or ".resblocks.3." in k for k in tensors)
@@ -484,7 +484,7 @@ def test_a_non_finite_loss_stops_training_before_the_optimizer_step(tmp_path, mo
 
 
 def test_a_non_finite_parameter_is_never_saved(tmp_path):
-    backbone = create_backbone("tiny")
+    backbone = create_backbone("tiny", trainable_blocks="last-2")
     path = save_checkpoint(tmp_path / "last.safetensors", backbone, {"step": 4})
     before = path.read_bytes()
     name, parameter = next((n, p) for n, p in backbone.named_parameters() if p.requires_grad)

@@ -23,7 +23,9 @@ LR, WEIGHT_DECAY, EPS = 1e-3, 1e-2, 1e-8
 @pytest.fixture
 def student(tiny_backbone):
     # A private copy (the shared backbone stays as it is); last two blocks trainable.
-    return copy.deepcopy(tiny_backbone).train()
+    model = copy.deepcopy(tiny_backbone).train()
+    model.set_trainable_blocks("last-2")  # the training configs' setting
+    return model
 
 
 def batch(n, seed=0, size=(48, 64)):

@@ -12,7 +12,15 @@ from .base import DenseBackbone, TrainableBlocks
 from .checkpoint import load_any_checkpoint
 from .compiling import CompileSetting, check_compile_setting, compile_backbone
 
-_DEFAULT = object()  # "use the backbone's default pretrained weights"
+class _DefaultWeights:
+    """The ``pretrained`` default of :func:`create_backbone`: the backbone's own default
+    weights (shown as ``pretrained='default'`` by ``help``)."""
+
+    def __repr__(self) -> str:
+        return "'default'"
+
+
+_DEFAULT = _DefaultWeights()
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def create_backbone(
     name: str,
     pretrained: str | None = _DEFAULT,  # type: ignore[assignment]
     *,
-    trainable_blocks: TrainableBlocks = "last-2",
+    trainable_blocks: TrainableBlocks = "none",
     checkpoint: str | Path | None = None,
     compile: CompileSetting = False,
     **overrides,
@@ -107,8 +115,9 @@ def create_backbone(
         pretrained: left out for the backbone's default weights; ``None`` for random
             initialisation; otherwise an open_clip pretrained tag, an ``hf-hub:org/repo`` id or a
             local weight file (state dict or safetensors).
-        trainable_blocks: which vision blocks keep ``requires_grad``: ``"last-N"`` (default
-            ``"last-2"``), ``"all"``, ``"none"`` or a list of block indices.
+        trainable_blocks: which vision blocks keep ``requires_grad``: ``"none"`` (default:
+            inference builds no autograd graph), ``"last-N"`` (the training configs use
+            ``"last-2"``, the paper's), ``"all"`` or a list of block indices.
         checkpoint: a SPAR checkpoint (``.safetensors`` written by training, loaded on top of
             the pretrained weights; it must have been trained for backbone ``name``) or released
             SPAR weights (Lightning ``.ckpt`` or a plain ``model.*`` state dict; whole model).
