@@ -12,6 +12,7 @@ from .base import DenseBackbone, TrainableBlocks
 from .checkpoint import load_any_checkpoint
 from .compiling import CompileSetting, check_compile_setting, compile_backbone
 
+
 class _DefaultWeights:
     """The ``pretrained`` default of :func:`create_backbone`: the backbone's own default
     weights (shown as ``pretrained='default'`` by ``help``)."""
