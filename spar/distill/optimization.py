@@ -59,7 +59,11 @@ class StudentOptimizer:
         self.device = device
         self.parameters = [p for p in student.parameters() if p.requires_grad]
         if not self.parameters:
-            raise ValueError("the student has no trainable parameters (trainable_blocks='none'?)")
+            raise ValueError(
+                "the student has no trainable parameters: create it with "
+                "create_backbone(..., trainable_blocks='last-2') (the paper's; the default 'none' "
+                "is for inference) or call student.set_trainable_blocks('last-2')"
+            )
         self.total_steps = total_steps
         self.grad_clip = grad_clip
         self.dtype = autocast_dtype(precision, device)
