@@ -5,9 +5,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from spar.config import report_user_errors
-from spar.data import list_images
+from spar.data import SAMPLE_IMAGES, list_images
 from spar.data.images import set_max_image_pixels
-from spar.demo import SAMPLE_IMAGES, compare_teacher_student
+from spar.demo import compare_teacher_student
 from spar.models import build_teacher, create_backbone
 from spar.models.teacher import check_teacher_settings
 from spar.utils import resolve_device

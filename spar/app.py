@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from .data import list_images, prepare_image
-from .demo import SAMPLE_IMAGES
+from .data.samples import SAMPLE_IMAGES
 from .models import build_teacher, create_backbone, from_pretrained, list_backbones
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .speed import time_call

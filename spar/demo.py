@@ -17,13 +17,12 @@ from tqdm import tqdm
 
 from .config import renamed_arguments
 from .data import prepare_image
+from .data.samples import SAMPLE_IMAGES  # noqa: F401  (re-exported: spar.demo.SAMPLE_IMAGES)
 from .io import atomic_save_image, atomic_write_json
 from .models import SlidingWindowTeacher, build_teacher
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
 from .viz import overlay, pca_rgb, side_by_side, source_title, to_pil
-
-SAMPLE_IMAGES = Path(__file__).parent / "assets" / "samples"
 
 
 def _timed(function, images: torch.Tensor) -> tuple[torch.Tensor, float]:

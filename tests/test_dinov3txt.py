@@ -288,7 +288,8 @@ def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
 
 def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
 
-    from spar.demo import SAMPLE_IMAGES, compare_teacher_student
+    from spar.data import SAMPLE_IMAGES
+    from spar.demo import compare_teacher_student
     from spar.evaluation import run_evaluation
 
     write_benchmark("cityscapes", tmp_path / "cs")

@@ -12,8 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from spar.config import reject_renamed_overrides
-from spar.data import list_images
-from spar.demo import SAMPLE_IMAGES
+from spar.data import SAMPLE_IMAGES, list_images
 from spar.features import extract_features
 from spar.models import SlidingWindowTeacher
 from spar.segmentation import OpenVocabSegmenter

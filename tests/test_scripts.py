@@ -7,8 +7,8 @@ import pytest
 import yaml
 from helpers import ROOT, run_script
 
-from spar.data import list_images
-from spar.demo import SAMPLE_IMAGES, compare_teacher_student
+from spar.data import SAMPLE_IMAGES, list_images
+from spar.demo import compare_teacher_student
 from spar.models import backbone_entry, build_teacher, create_backbone
 
 

@@ -8,9 +8,11 @@ from .images import (
     resize_to_fit,
     to_model_input,
 )
+from .samples import SAMPLE_IMAGES
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SAMPLE_IMAGES",
     "list_images",
     "load_image",
     "prepare_image",

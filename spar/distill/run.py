@@ -63,7 +63,7 @@ class DistillationSetup:
 def image_root(data: dict[str, Any]) -> Path:
     """``train_images.root``, or the bundled sample images when it is ``None``."""
     if data.get("root") is None:
-        from ..demo import SAMPLE_IMAGES
+        from ..data.samples import SAMPLE_IMAGES
 
         return SAMPLE_IMAGES
     return Path(data["root"]).expanduser()

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spar.data import load_image, resize_to_fit
-from spar.demo import SAMPLE_IMAGES
+from spar.data import SAMPLE_IMAGES, load_image, resize_to_fit
 from spar.models import SlidingWindowTeacher, create_backbone
 from spar.segmentation import OpenVocabSegmenter
 from spar.viz import feature_picture, overlay, pca_rgb, segmentation_picture, to_pil

@@ -15,8 +15,7 @@ from helpers import run_script, write_benchmark
 from PIL import Image
 from safetensors import safe_open
 
-from spar.data import load_image, resize_to_fit
-from spar.demo import SAMPLE_IMAGES
+from spar.data import SAMPLE_IMAGES, load_image, resize_to_fit
 from spar.evaluation import read_prediction_png
 from spar.models import create_backbone
 

@@ -1,0 +1,6 @@
+"""The bundled sample images (``spar/assets/samples``, with their licences), shipped in the
+package: the demo, the page and the quick-start training run use them."""
+
+from pathlib import Path
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "assets" / "samples"
