@@ -53,7 +53,8 @@ class SettingError(ValueError):
     """A setting has a value it cannot take; the message names the key and the value."""
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """``value`` is an integer setting (``True``/``False`` are not, though Python says so)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -68,7 +69,7 @@ def require_int(key: str, value: Any, minimum: int, *, optional: bool = False) -
     if optional and value is None:
         return
     what = f"an integer >= {minimum}" + (" or null" if optional else "")
-    require(_is_int(value) and value >= minimum, key, value, what)
+    require(is_int(value) and value >= minimum, key, value, what)
 
 
 def require_bool(key: str, value: Any) -> None:

@@ -27,8 +27,8 @@ from torch.utils.data import Subset
 
 from .config import RENAMED_SETTINGS, check_renamed, require, require_bool, require_int
 from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark, check_split
-from .data.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, set_max_image_pixels
 from .distributed import DistributedContext, init_distributed
+from .imaging import DEFAULT_MAX_IMAGE_PIXELS, prepare_images, set_max_image_pixels
 from .io import append_json_line, atomic_save_image, atomic_write_json, complete_lines
 from .metrics import MeanIoU
 from .models import compile_report, create_backbone, dense_features
@@ -197,7 +197,7 @@ def evaluate_benchmark(
                 )
             continue
         label = item["label"]
-        _, inputs = prepare_image(item["image"], input_bounds, mean, std, device)
+        inputs = prepare_images(item["image"], mean, std, input_bounds, device).inputs
         with torch.no_grad(), autocast():
             prediction = segmenter.predict(inputs, output_size=tuple(label.shape))[0].cpu()
         image_metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)

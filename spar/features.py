@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .data.images import load_image, prepare_image
+from .imaging import load_image, prepare_images
 from .io import atomic_path
 from .utils import module_device
 
@@ -67,12 +67,12 @@ def extract_features(
             counts["skipped"] += 1
             counts["skipped_files"].append(str(path))
             continue
-        resized, inputs = prepare_image(pixels, bounds, mean, std, device)
+        inputs = prepare_images(pixels, mean, std, bounds, device).inputs
         features = dense(inputs)[0]
         info = {
             "image": str(path),
             "original_size": list(pixels.shape[-2:]),
-            "input_size": list(resized.shape[-2:]),
+            "input_size": list(inputs.shape[-2:]),
             **(metadata or {}),
         }
         tensor = features.to("cpu", FEATURE_DTYPES[dtype]).contiguous()

@@ -14,7 +14,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 from .config import renamed_arguments
-from .data.images import to_model_input
+from .imaging import to_model_input
 from .models.base import check_images
 from .utils import module_device
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .config import renamed_arguments
-from .data.images import prepare_image
+from .imaging import ImageInput, prepare_images
 from .segmentation import OpenVocabSegmenter, parse_classes
 from .utils import module_device
 
@@ -155,16 +154,19 @@ def source_title(dense: object) -> str:
 
 
 def _prepared(
-    backbone: nn.Module, image: str | Path | torch.Tensor, bounds: Sequence[int] | None
+    backbone: nn.Module, image: ImageInput, bounds: Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image in [0, 1] resized to fit ``bounds``, normalised (1, 3, H, W) on the device)."""
-    return prepare_image(image, bounds, backbone.mean, backbone.std, module_device(backbone))
+    """((3, H, W) image in [0, 1] resized to fit ``bounds``, normalised (1, 3, H, W) input on
+    the backbone's device): :func:`spar.imaging.prepare_images` with the backbone's mean/std
+    (any object with ``mean``, ``std`` and parameters, not only a ``DenseBackbone``)."""
+    prepared = prepare_images(image, backbone.mean, backbone.std, bounds, module_device(backbone))
+    return prepared.pixels[0], prepared.inputs
 
 
 @torch.no_grad()
 def segmentation_picture(
     backbone: nn.Module,
-    image: str | Path | torch.Tensor,
+    image: ImageInput,
     classes: Sequence[str | Sequence[str]],
     *,
     dense: nn.Module | None = None,
@@ -180,8 +182,8 @@ def segmentation_picture(
 
     Args:
         backbone: a dense backbone (its single pass and its text encoder are used).
-        image: an image file or a (3, H, W) tensor in [0, 1]; resized to fit ``bounds``
-            (long, short) keeping its aspect ratio (``None``: as it is).
+        image: an image file, a ``PIL.Image`` or a (3, H, W) tensor in [0, 1]; resized to fit
+            ``bounds`` (long, short) keeping its aspect ratio (``None``: as it is).
         classes: class entries, each a name or synonyms (``"person, pedestrian"``).
         dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
         templates: prompt templates (a set name of ``spar.segmentation.TEMPLATE_SETS``).
@@ -208,7 +210,7 @@ def segmentation_picture(
 @renamed_arguments(teacher="dense")
 def feature_picture(
     backbone: nn.Module,
-    image: str | Path | torch.Tensor,
+    image: ImageInput,
     *,
     dense: nn.Module | None = None,
     bounds: Sequence[int] | None = (2048, 672),

@@ -5,6 +5,7 @@ from .images import (
     list_images,
     load_image,
     prepare_image,
+    prepare_images,
     resize_to_fit,
     to_model_input,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "list_images",
     "load_image",
     "prepare_image",
+    "prepare_images",
     "resize_to_fit",
     "to_model_input",
 ]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import to_model_input
+from ..imaging import ImageInput, prepare_images, to_model_input
 from ..utils import module_device
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -175,6 +175,30 @@ class DenseBackbone(nn.Module):
         """(3, H, W) or (B, 3, H, W) in [0, 1] -> (B, 3, H, W) normalised for this backbone, on its
         device."""
         return to_model_input(images.to(self.device), self.mean, self.std)
+
+    def prepare(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        bounds: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Images -> this backbone's input batch, as open_clip's preprocess: load, resize to fit,
+        normalise with :attr:`mean`/:attr:`std`, stack, move to :attr:`device`.
+
+        Args:
+            images: an image file, a ``PIL.Image``, a (3, H, W) float tensor in [0, 1] (or a
+                (B, 3, H, W) one), or a list of these (of one size once resized).
+            bounds: (long, short): resize keeping the aspect ratio to fit, by the evaluation
+                protocol's resize (:func:`spar.imaging.resize_to_fit`, mmcv's exactly; the paper
+                evaluates at (2048, 672)); ``None`` keeps the size.
+
+        Returns:
+            (B, 3, h, w) normalised input on this backbone's device; (h, w) is the resized size
+            (the input of ``self(...)``, whose features are ``self.output_grid(h, w)``). For the
+            resized pixels in [0, 1] and the original sizes as well, call
+            :func:`spar.imaging.prepare_images` with this backbone's ``mean``, ``std`` and
+            ``device``.
+        """
+        return prepare_images(images, self.mean, self.std, bounds, self.device).inputs
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """Feature-map size (rows, cols) for an image of ``height`` x ``width``."""

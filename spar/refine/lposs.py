@@ -3,7 +3,7 @@
 
 LPOSS. The image, resized once to fit (``long_side``, ``short_side``) = (2048, 448) as the published
 test pipeline does (mmcv ``Resize``, keep ratio, cv2 bilinear; here
-:func:`spar.data.images.resize_to_fit`), is cut into ``window`` windows at ``stride``. For every
+:func:`spar.imaging.resize_to_fit`), is cut into ``window`` windows at ``stride``. For every
 window, the label source gives per-patch class scores Y (raw cosines of dense features with the text
 embeddings) and the affinity backbone gives per-patch features (DINO ViT-B/16 value features of the
 last block, L2-normalised). One kNN graph joins all patches of all windows
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import resize_to_fit, to_model_input
+from ..imaging import resize_to_fit, to_model_input
 from ..models.teacher import window_offsets
 from .colour import rgb_to_lab
 from .graph import PixelGraph, knn_patch_graph, propagate
@@ -103,7 +103,7 @@ class LPOSS(nn.Module):
         affinity: the affinity backbone (:class:`AffinityBackbone`).
         window, stride: window side and stride in pixels (multiples of the patch size).
         short_side, long_side: the bounds the input is resized to fit, by
-            :func:`spar.data.images.resize_to_fit` (mmcv's rule: the short side becomes
+            :func:`spar.imaging.resize_to_fit` (mmcv's rule: the short side becomes
             ``short_side`` unless the long side would pass ``long_side``); ``short_side=None``:
             the input size. Give the original image to follow the published pipeline (one
             resize); :func:`spar.evaluation.evaluate_benchmark` does.

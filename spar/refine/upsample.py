@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import to_model_input
+from ..imaging import to_model_input
 from ..utils import autocast_dtype
 from .anyup import IMAGENET_MEAN, IMAGENET_STD, AnyUp
 
