@@ -11,6 +11,7 @@ from PIL import Image
 
 import spar
 from spar.imaging import load_image, prepare_images, resize_to_fit
+from spar.models import create_backbone
 
 # The tiny backbone is a CLIP model: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD.
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
@@ -102,6 +103,15 @@ def test_prepare_images_also_gives_pixels_and_original_sizes(picture):
     assert sizes == [(40, 60)]
     assert torch.equal(pixels[0], resize_to_fit(load_image(path), BOUNDS))
     assert torch.equal(inputs, (pixels - 0.5) / 0.25)
+
+
+def test_prepare_moves_the_batch_to_the_backbone_device(picture):
+    """PyTorch's ``meta`` device stands in for CUDA (as in tests/test_device.py)."""
+    backbone = create_backbone("tiny").to("meta")
+    inputs = backbone.prepare(picture[0], bounds=BOUNDS)
+    assert inputs.device == torch.device("meta") and inputs.shape == (1, 3, 16, 24)
+    prepared = prepare_images(picture[0], backbone.mean, backbone.std, BOUNDS, "meta")
+    assert prepared.pixels.device == torch.device("cpu")  # kept for overlays
 
 
 # -- layering: the models package imports nothing above it ---------------------------------------
