@@ -6,6 +6,8 @@ from .cache import TeacherFeatureCache, entry_key, teacher_identity, weights_dig
 from .checkpointing import resolve_resume_paths, resume_training, save_training_checkpoint
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, agreement, build_heldout_sets
+from .hooks import CheckpointHook, HeldoutHook, MetricsLogHook, StopAfterSteps, TensorBoardHook
+from .loop import HookBase, TrainLoop
 from .optimization import StudentOptimizer, learning_rate_factor
 from .run import (
     DistillationSetup,
@@ -23,18 +25,25 @@ from .trainer import Distiller
 __all__ = [
     "AugmentationPlan",
     "AugmentationRecipe",
+    "CheckpointHook",
     "DistillationSetup",
     "DistillationViews",
     "Distiller",
+    "HeldoutHook",
     "HeldoutSet",
+    "HookBase",
     "ImageSplit",
+    "MetricsLogHook",
     "OptimSettings",
     "RunLog",
     "SizeBucketBatchSampler",
+    "StopAfterSteps",
     "StudentOptimizer",
     "TargetKey",
     "TeacherFeatureCache",
     "TeacherTargets",
+    "TensorBoardHook",
+    "TrainLoop",
     "TrainerSettings",
     "agreement",
     "apply_plan",

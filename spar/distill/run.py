@@ -9,6 +9,7 @@ The config layout is that of ``configs/train.yaml``: ``backbone``, ``teacher`` (
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .augment import AugmentationRecipe
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, ImageSplit, split_images
 from .heldout import HeldoutSet, build_heldout_sets
+from .loop import HookBase
 from .run_log import RunFolder
 from .settings import OptimSettings, TrainerSettings, check_training_config
 from .targets import TeacherTargets
@@ -84,8 +86,7 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
     student = create_backbone(**config["backbone"], compile=config.get("compile", False))
     frozen = copy.deepcopy(student).requires_grad_(False).eval().to(context.device)
     # The frozen copy serves only the teacher: a low precision converts it in place.
-    precision = config["trainer"]["precision"]
-    teacher = build_teacher(frozen, teacher_cfg, precision, copy_backbone=False)
+    teacher = build_teacher(frozen, teacher_cfg, trainer.precision, copy_backbone=False)
 
     root = image_root(data)
     heldout_cfg = config["heldout"]
@@ -99,7 +100,7 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
         teacher,
         root,
         cache=TeacherFeatureCache(teacher_cfg["cache_dir"]) if cached else None,
-        autocast=autocast_for(config["trainer"]["precision"], context.device),
+        autocast=autocast_for(trainer.precision, context.device),
         name=config["backbone"]["name"],
     )
     views = DistillationViews(
@@ -127,8 +128,8 @@ def fill_cache(setup: DistillationSetup) -> dict[str, Any]:
     return setup.targets.fill(
         setup.views,
         setup.context,
-        num_workers=setup.config["trainer"]["num_workers"],
-        show_progress=setup.config["trainer"].get("show_progress", True),
+        num_workers=setup.trainer.num_workers,
+        show_progress=setup.trainer.show_progress,
     )
 
 
@@ -148,9 +149,12 @@ def fill_heldout_cache(setup: DistillationSetup) -> list[str]:
     return unreadable
 
 
-def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
+def run_distillation(
+    cfg: DictConfig | dict, out_dir: str | Path, hooks: Sequence[HookBase] = ()
+) -> dict[str, Any]:
     """Fill the cache (cached teacher), train, evaluate held-out agreement; returns the summary,
-    which rank 0 writes to ``out_dir/train_summary.json`` (its only writer).
+    which rank 0 writes to ``out_dir/train_summary.json`` (its only writer). ``hooks`` are
+    added to the training loop's (``Distiller(..., hooks=...)``, see ``spar.distill.hooks``).
 
     ``out_dir`` must not hold another run unless ``resume`` points into it (the run then
     continues there); rank 0 holds a lock on it for the whole run (``RunFolder``)."""
@@ -160,13 +164,15 @@ def run_distillation(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, A
     # resuming it) or that another process writes, before the cache fill.
     folder = RunFolder(out_dir, config.get("resume")) if context.is_main else None
     try:
-        return _distil(setup, out_dir)
+        return _distil(setup, out_dir, hooks)
     finally:
         if folder is not None:
             folder.release()
 
 
-def _distil(setup: DistillationSetup, out_dir: str | Path) -> dict[str, Any]:
+def _distil(
+    setup: DistillationSetup, out_dir: str | Path, hooks: Sequence[HookBase]
+) -> dict[str, Any]:
     config, context = setup.config, setup.context
     cached = setup.targets.cache is not None
     cache_stats = fill_cache(setup) if cached else None
@@ -183,6 +189,7 @@ def _distil(setup: DistillationSetup, out_dir: str | Path) -> dict[str, Any]:
         context=context,
         run_info=config,
         skipped_files=(cache_stats or {}).get("skipped_files", []),
+        hooks=hooks,
     )
     summary = distiller.fit(resume=config.get("resume"))
     summary["train_images"] = len(setup.split.train)

@@ -1,12 +1,14 @@
-"""The training log (``metrics.jsonl`` records and, optionally, TensorBoard scalars) and the claim
-on a run folder that makes its one process the only writer."""
+"""The training log (``metrics.jsonl`` records, handed on to listeners such as TensorBoard) and
+the claim on a run folder that makes its one process the only writer."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import renamed_arguments
 from ..io import (
     append_json_line,
     atomic_write_bytes,
@@ -86,32 +88,30 @@ class RunFolder:
 
 
 class RunLog:
-    """Appends records to ``out_dir/metrics.jsonl`` (one JSON object per line) and, with
-    ``tensorboard``, their numeric leaves as TensorBoard scalars in ``out_dir/tb``.
+    """Appends records to ``out_dir/metrics.jsonl`` (one JSON object per line) and hands each
+    one to its listeners (e.g. ``spar.distill.hooks.TensorBoardHook``).
 
     Only the process with ``enabled`` (rank 0) writes; the others ignore every record.
     :attr:`records` counts the lines of the file; a checkpoint stores it and a resumed run
     :meth:`rewind` s to it, so records written after the checkpoint by a killed run are not
     repeated. A line cut short by a kill is dropped when the log is opened.
-
-    Raises:
-        ImportError: ``tensorboard`` is asked for but the package is not installed.
     """
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False):
+    @renamed_arguments(
+        tensorboard="the hook spar.distill.hooks.TensorBoardHook(out_dir) "
+        "(Distiller(..., settings=TrainerSettings(tensorboard=True)) registers it)"
+    )
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
         self.records = len(complete_lines(self.path)) if enabled else 0
-        self.tensorboard = None
-        if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "trainer.tensorboard=true needs: pip install tensorboard"
-                ) from error
-            self.tensorboard = SummaryWriter(str(self.out_dir / "tb"))
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` after every record written (once, however often added)."""
+        if listener not in self.listeners:
+            self.listeners.append(listener)
 
     def rewind(self, records: int | None) -> None:
         """Keep only the first ``records`` lines (those a checkpoint saw); ``None``: keep all."""
@@ -126,10 +126,8 @@ class RunLog:
             return
         append_json_line(self.path, record)
         self.records += 1
-        if self.tensorboard is not None:
-            for name, value in scalars(record):
-                self.tensorboard.add_scalar(name, value, record["step"])
-            self.tensorboard.flush()
+        for listener in self.listeners:
+            listener(record)
 
 
 def scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:

@@ -6,17 +6,19 @@ step. Under torchrun each rank takes its own views of a shared per-epoch permuta
 that all ranks take the same number of steps) and DDP averages gradients at the last micro-step
 of each optimizer step.
 
-The pieces live beside it: the batch sampler in ``buckets``, the update in ``optimization``,
-teacher maps in ``targets``, checkpoints in ``checkpointing``, the log in ``run_log``.
+The loop itself is ``loop.TrainLoop`` (epochs of optimizer steps, hooks called around them);
+logging, held-out checks, checkpoints, stopping and TensorBoard are hooks (``hooks``). The other
+pieces live beside it: the batch sampler in ``buckets``, the update in ``optimization``, teacher
+maps in ``targets``, checkpoint files in ``checkpointing``, the log file in ``run_log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..config import renamed_arguments
 from ..distributed import DistributedContext
@@ -34,6 +35,8 @@ from .buckets import SizeBucketBatchSampler
 from .checkpointing import resume_training, save_training_checkpoint
 from .data import DistillationViews, collate_views
 from .heldout import HeldoutSet, agreement
+from .hooks import CheckpointHook, HeldoutHook, MetricsLogHook, StopAfterSteps, TensorBoardHook
+from .loop import HookBase, TrainLoop, accumulation_groups
 from .optimization import StudentOptimizer
 from .run_log import RunLog
 from .settings import OptimSettings, TrainerSettings
@@ -59,8 +62,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Distiller:
+class Distiller(TrainLoop):
     """Trains ``student``'s trainable parameters to reproduce the teacher's maps.
+
+    The loop (:class:`~spar.distill.loop.TrainLoop`) calls hooks around epochs and optimizer
+    steps: first :meth:`default_hooks` (TensorBoard, stop after steps, held-out checks, the
+    ``metrics.jsonl`` log, checkpoints), then those passed as ``hooks`` or added with
+    :meth:`register_hooks`. A hook from a notebook::
+
+        from spar.distill import HookBase
+
+        class StopWhenLossBelow(HookBase):
+            def __init__(self, threshold):
+                self.threshold, self.losses = threshold, []
+
+            def after_step(self):  # after every optimizer step
+                self.losses.append((self.trainer.state.step, self.trainer.step_loss))
+                if self.trainer.step_loss < self.threshold:
+                    self.trainer.request_stop()  # checkpointed and resumable
+
+        hook = StopWhenLossBelow(1e-3)
+        distiller = Distiller(student, targets, views, heldout, "runs/x", optim, settings,
+                              hooks=[hook])  # or distiller.register_hooks([hook])
+        summary = distiller.fit()  # summary["stopped_early"] is True if the hook stopped it
 
     Args:
         student: a dense backbone with the parameters to train set to ``requires_grad``.
@@ -76,6 +100,11 @@ class Distiller:
         run_info: JSON-serialisable description (the resolved config) stored in checkpoints
             and in the summary.
         skipped_files: images already found unreadable (e.g. while filling the cache).
+        hooks: more hooks (:class:`~spar.distill.loop.HookBase`), called after the defaults.
+
+    Attributes a hook reads: ``state`` (:class:`TrainingState`: ``step``, ``epoch``, ...),
+    ``step_loss`` and ``step_losses`` (the last optimizer step on this rank), ``resumed``,
+    ``heldout_results``, ``log``, ``context``, ``optimization``, ``progress``, ``settings``.
     """
 
     @renamed_arguments(
@@ -94,7 +123,9 @@ class Distiller:
         context: DistributedContext | None = None,
         run_info: dict[str, Any] | None = None,
         skipped_files: Sequence[str] = (),
+        hooks: Sequence[HookBase] = (),
     ) -> None:
+        super().__init__()
         self.context = context or DistributedContext()
         self.device = self.context.device
         self.student = student.to(self.device)
@@ -126,7 +157,32 @@ class Distiller:
         )
         self.state = TrainingState(skipped_files=sorted(set(skipped_files)))
         self.checkpoint_dir = Path(out_dir) / "checkpoints"
-        self.log = RunLog(out_dir, enabled=self.context.is_main, tensorboard=settings.tensorboard)
+        self.out_dir = Path(out_dir)
+        self.log = RunLog(out_dir, enabled=self.context.is_main)
+        self.resumed = False
+        self.heldout_results: dict[str, dict[str, float]] = {}
+        self.step_losses: list[tuple[float, int]] = []  # (loss, views) of each micro-batch
+        self.progress = None
+        self.register_hooks(self.default_hooks())
+        self.register_hooks(hooks)
+
+    def default_hooks(self) -> list[HookBase]:
+        """The hooks every run has, in the order they are called (see ``spar.distill.hooks``)."""
+        settings, is_main = self.settings, self.context.is_main
+        stop = settings.stop_after_steps
+        return [
+            TensorBoardHook(self.out_dir, enabled=is_main) if settings.tensorboard else None,
+            StopAfterSteps(stop) if stop is not None else None,
+            HeldoutHook(),
+            MetricsLogHook(settings.log_every),
+            CheckpointHook(settings.checkpoint_every),
+        ]
+
+    @property
+    def step_loss(self) -> float:
+        """Mean loss over this rank's views of the last optimizer step (0.0 if none was used)."""
+        used = sum(count for _, count in self.step_losses)
+        return sum(loss * count for loss, count in self.step_losses) / max(used, 1)
 
     # -- one micro-batch -----------------------------------------------------------------------
 
@@ -188,14 +244,6 @@ class Distiller:
         self.context.barrier()
         return results
 
-    def _record_heldout(self, when: str) -> dict[str, dict[str, float]]:
-        results = self.evaluate()
-        if self.context.is_main and results:
-            record = {"event": "heldout", "when": when, "step": self.state.step, **results}
-            self.state.history.append(record)
-            self.log.write(record)
-        return results
-
     def save(self, heldout: dict[str, dict[str, float]] | None = None) -> None:
         """Write ``last`` (weights + training state); also ``best`` when held-out improves."""
         if self.context.is_main:
@@ -242,32 +290,26 @@ class Distiller:
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
         """Train, evaluate, checkpoint; returns the summary (see :meth:`summary`)."""
         seed_everything(self.settings.seed)
+        self.resumed = resume is not None
         if resume is not None:
             self.resume(resume)
-        else:
-            self._record_heldout("before")
-        start = time.perf_counter()
         images_at_start = self.state.images_seen
-        stopped_early = False
-        while self.state.epoch < self.settings.epochs and not stopped_early:
-            stopped_early = self._run_epoch()
-            if stopped_early:
-                break
-            self.state.epoch += 1
-            self.state.consumed = 0
-            results = self._record_heldout(f"epoch {self.state.epoch}")
-            self.save(results)
-        seconds = time.perf_counter() - start
+        stopped_early = self.train()
         images = (self.state.images_seen - images_at_start) * self.context.world_size
         self.state.skipped_files = self.context.union(self.state.skipped_files)
-        return self.summary(seconds, images, stopped_early)
+        return self.summary(self.train_seconds, images, stopped_early)
 
-    def _run_epoch(self) -> bool:
-        """One epoch (or its rest, after a resume); True when ``stop_after_steps`` was hit."""
+    def epochs_left(self) -> bool:
+        return self.state.epoch < self.settings.epochs
+
+    @contextlib.contextmanager
+    def epoch_steps(self) -> Iterator[Iterator[Iterable[tuple[int, dict[str, Any]]]]]:
+        """The optimizer steps of the epoch (or its rest, after a resume): groups of
+        (position, micro-batch) pairs from this rank's loader, under a progress bar."""
         settings = self.settings
         self.views.set_epoch(self.state.epoch)
         self.sampler.set_epoch(self.state.epoch, start=self.state.consumed)
-        num_batches = len(self.sampler.batches(self.state.epoch))
+        self._epoch_batches = len(self.sampler.batches(self.state.epoch))
         loader = DataLoader(
             self.views,
             batch_sampler=self.sampler,
@@ -277,55 +319,38 @@ class Distiller:
             persistent_workers=False,
         )
         self.student.train()
-        progress = self.context.progress(
+        self.progress = self.context.progress(
             loader,
             settings.show_progress,
             total=len(self.sampler),
             desc=f"epoch {self.state.epoch + 1}/{settings.epochs}",
             unit="batch",
         )
-        window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-        for position, batch in enumerate(progress, start=self.state.consumed):
-            group_start = position // settings.accumulate * settings.accumulate
-            update = (position + 1) % settings.accumulate == 0 or position + 1 == num_batches
+        batches = enumerate(self.progress, start=self.state.consumed)
+        try:
+            yield accumulation_groups(
+                batches, self.state.consumed, self._epoch_batches, settings.accumulate
+            )
+        finally:
+            self.progress.close()
+
+    def run_step(self, micro_batches: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        """One optimizer step: :meth:`train_step` on each micro-batch of its group."""
+        accumulate, num_batches = self.settings.accumulate, self._epoch_batches
+        self.step_losses = []
+        for position, batch in micro_batches:
+            group_start = position // accumulate * accumulate
             loss, used = self.train_step(
                 batch,
-                accumulated=min(settings.accumulate, num_batches - group_start),
-                update=update,
+                accumulated=min(accumulate, num_batches - group_start),
+                update=(position + 1) % accumulate == 0 or position + 1 == num_batches,
             )
-            window_loss += loss * used
-            window_count += used
+            self.step_losses.append((loss, used))
             self.state.consumed = position + 1
-            if not update:
-                continue
-            if self.state.step % settings.log_every == 0:
-                self._log_train(window_loss, window_count, window_start, progress)
-                window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-            if settings.checkpoint_every and self.state.step % settings.checkpoint_every == 0:
-                self.save()
-            stop = settings.stop_after_steps
-            if stop is not None and self.state.step >= stop:
-                self.save()
-                progress.close()
-                return True
-        progress.close()
-        return False
 
-    def _log_train(self, loss_sum: float, count: int, started: float, progress: tqdm) -> None:
-        loss_sum, count = self.context.all_reduce_sum([loss_sum, count])
-        elapsed = time.perf_counter() - started
-        record = {
-            "event": "train",
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "loss": loss_sum / max(count, 1),
-            "lr": self.optimization.learning_rate,
-            "images_per_second": count / max(elapsed, 1e-9),
-        }
-        self.log.write(record)
-        progress.set_postfix(
-            loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_second']:.2f}"
-        )
+    def finish_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.consumed = 0
 
     def summary(self, seconds: float, images: int, stopped_early: bool) -> dict[str, Any]:
         """The run's results: held-out agreement before/after, counts, checkpoint paths."""
