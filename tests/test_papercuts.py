@@ -120,3 +120,29 @@ def test_teacher_settings_are_checked_the_same_everywhere():
     ):
         with pytest.raises(SettingError, match=message):
             check_teacher_settings(settings, "siglip2")
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_way_around(monkeypatch, tmp_path):
+    """Offline without HF_HUB_OFFLINE, create_backbone("maskclip") retried for 53 s; now one
+    connection attempt, then a one-line error naming a local file and the tiny backbone."""
+    import socket
+    import time
+
+    from spar.models import WeightLoadingError, create_backbone
+
+    attempts = []
+
+    def refused(address, timeout=None):
+        attempts.append((address, timeout))
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", refused)
+    start = time.perf_counter()
+    with pytest.raises(WeightLoadingError, match="huggingface.co is unreachable") as caught:
+        create_backbone("maskclip")
+    assert time.perf_counter() - start < 20  # the build of ViT-B/16 itself, no retries
+    assert attempts == [(("huggingface.co", 443), 3.0)]
+    assert "pretrained=<a local weight file>" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +25,40 @@ from .weights import WeightLoadingError, load_state_dict_strict, looks_like_path
 
 HF_HUB_PREFIX = "hf-hub:"
 HUB_WEIGHT_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HUB_HOST = "huggingface.co"
+HUB_PROBE_SECONDS = 3.0  # a closed network fails the probe at once; a slow one within this
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cached_hub_file(repo: str, filenames: tuple[str, ...]) -> bool:
+    """Whether one of ``filenames`` of hub repository ``repo`` is in the local hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in filenames)
+
+
+def check_hub_reachable(what: str) -> None:
+    """Fail fast, before a download that would otherwise retry for about a minute, when the hub
+    cannot be reached: one connection attempt of at most :data:`HUB_PROBE_SECONDS`. Skipped
+    under ``HF_HUB_OFFLINE=1`` (the hub library then fails at once by itself).
+
+    Raises:
+        WeightLoadingError: naming ``what`` and the ways around it (a local weight file, the
+            offline ``tiny`` backbone).
+    """
+    if _hub_offline():
+        return
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        raise WeightLoadingError(
+            f"cannot download {what}: {HUB_HOST} is unreachable ({error}) and the file is not in "
+            "the local hub cache; pass pretrained=<a local weight file>, or use "
+            "create_backbone('tiny') offline"
+        ) from None
 
 
 def create_open_clip_model(
@@ -82,6 +118,9 @@ def download_tag(model_name: str | None, tag: str) -> str:
             UserWarning,
             stacklevel=2,
         )
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    if hub and not _cached_hub_file(hub, HUB_WEIGHT_FILENAMES):
+        check_hub_reachable(f"the {tag!r} weights of open_clip {model_name}")
     try:
         return download_pretrained(cfg)
     except Exception as error:  # noqa: BLE001 - re-raised naming the tag
@@ -93,6 +132,8 @@ def download_tag(model_name: str | None, tag: str) -> str:
 def download_from_hub(hub_id: str) -> str:
     """Fetch an open_clip weight file from ``hf-hub:org/repo`` and return its local path."""
     repo = hub_id[len(HF_HUB_PREFIX) :]
+    if not _cached_hub_file(repo, HUB_WEIGHT_FILENAMES):
+        check_hub_reachable(f"weights from {hub_id}")
     errors = []
     for filename in HUB_WEIGHT_FILENAMES:
         try:
