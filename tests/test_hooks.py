@@ -226,3 +226,42 @@ def test_accumulation_groups_are_the_optimizer_steps(start, total, accumulate, g
     assert [batch for group in found for _, batch in group] == [
         f"batch {p}" for p in range(start, total)
     ]
+
+
+def test_a_step_of_accumulated_micro_batches_shows_each_micro_batch_loss(tmp_path):
+    class MicroBatches(HookBase):
+        def __init__(self):
+            self.seen = []
+
+        def after_step(self):
+            trainer = self.trainer
+            self.seen.append((trainer.state.step, trainer.state.consumed, trainer.step_losses))
+            mean = sum(loss for loss, _ in trainer.step_losses) / len(trainer.step_losses)
+            assert trainer.step_loss == pytest.approx(mean, rel=1e-12)  # one view each
+
+    hook = MicroBatches()
+    small_run(tmp_path, "run", "trainer.epochs=1", "trainer.accumulate=3", hooks=[hook])
+    # 8 views, 3 per optimizer step: steps of 3, 3 and 2 micro-batches
+    assert [(step, consumed) for step, consumed, _ in hook.seen] == [(1, 3), (2, 6), (3, 8)]
+    assert [[used for _, used in losses] for _, _, losses in hook.seen] == [
+        [1, 1, 1],
+        [1, 1, 1],
+        [1, 1],
+    ]
+
+
+def test_run_log_hands_each_record_to_its_listeners_once(tmp_path):
+    seen = []
+    log = RunLog(tmp_path)
+    log.add_listener(seen.append)
+    log.add_listener(seen.append)  # added once only
+    log.write({"event": "train", "step": 1, "loss": 0.5})
+    log.write({"event": "heldout", "step": 1, "448x336": {"mse": 0.25}})
+    assert seen == [
+        {"event": "train", "step": 1, "loss": 0.5},
+        {"event": "heldout", "step": 1, "448x336": {"mse": 0.25}},
+    ]
+    other_rank = RunLog(tmp_path / "rank1", enabled=False)
+    other_rank.add_listener(seen.append)
+    other_rank.write({"event": "train", "step": 2, "loss": 0.5})
+    assert len(seen) == 2 and not (tmp_path / "rank1" / "metrics.jsonl").exists()

@@ -31,7 +31,9 @@ class HookBase:
 
     ``self.trainer`` is the loop (a weak proxy, set by :meth:`TrainLoop.register_hooks`): a
     hook reads its counters (``trainer.state.step``, ``trainer.step_loss`` for the
-    ``Distiller``) and may call ``trainer.request_stop()``.
+    ``Distiller``) and may call ``trainer.request_stop()``. Under torchrun every rank runs every
+    hook: a stop must be requested by all ranks at the same event, so decide it from values the
+    ranks share (e.g. ``trainer.context.all_reduce_sum``), not from one rank's loss.
     """
 
     trainer: Any = None

@@ -162,7 +162,8 @@ class Distiller(TrainLoop):
         self.resumed = False
         self.heldout_results: dict[str, dict[str, float]] = {}
         self.step_losses: list[tuple[float, int]] = []  # (loss, views) of each micro-batch
-        self.progress = None
+        self.progress = None  # the epoch's progress bar (tqdm; disabled off rank 0)
+        self._epoch_batches = 0  # micro-batches of the current epoch on this rank
         self.register_hooks(self.default_hooks())
         self.register_hooks(hooks)
 
