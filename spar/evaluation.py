@@ -25,8 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import Subset
 
-from .config import RENAMED_SETTINGS, check_renamed, require, require_bool, require_int
-from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark, check_split
+from .config import (
+    RENAMED_SETTINGS,
+    SettingError,
+    check_renamed,
+    require,
+    require_bool,
+    require_int,
+)
+from .data.benchmarks import BENCHMARKS, IGNORE_INDEX, SegmentationBenchmark, check_split
 from .distributed import DistributedContext, init_distributed
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS, prepare_images, set_max_image_pixels
 from .io import append_json_line, atomic_save_image, atomic_write_json, complete_lines
@@ -286,7 +293,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
     check_split(dataset)  # the whole split's layout, before any model is built
     per_image = PerImageResults(Path(out_dir), _signature(config), context)
-    classes = load_class_names(data_cfg.get("class_names") or dataset.spec.class_file)
+    classes = dataset_classes(data_cfg)
     backbone = create_backbone(
         **config["backbone"],
         checkpoint=config.get("checkpoint"),
@@ -350,6 +357,35 @@ def check_eval_settings(config: dict[str, Any]) -> None:
     require_int("num_workers", config.get("num_workers", 0), 0)
     require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
     require_bool("save_predictions", config.get("save_predictions", False))
+
+
+def dataset_classes(data_cfg: dict[str, Any]) -> list[list[str]]:
+    """The synonym lists of the classes of ``data_cfg`` (the ``dataset`` config): its
+    ``class_names`` file, or the benchmark's own file when that is null.
+
+    Raises :class:`~spar.config.SettingError` for an unknown ``name``, or a file whose number of
+    classes differs from the benchmark's, naming the file and both counts;
+    :class:`~spar.segmentation.ClassNameError` for a file that cannot be used (empty, not UTF-8,
+    a name given twice).
+    """
+    name = data_cfg.get("name")
+    require(name in BENCHMARKS, "dataset.name", name, f"one of {sorted(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    given = data_cfg.get("class_names")
+    require(
+        given is None or isinstance(given, str | Path),
+        "dataset.class_names",
+        given,
+        "the path of a class-name file (one class per line) or null",
+    )
+    path = given or spec.class_file
+    classes = load_class_names(path)
+    if len(classes) != spec.num_classes:
+        raise SettingError(
+            f"dataset.class_names: {path} holds {len(classes)} classes, but {name} has "
+            f"{spec.num_classes} (one class per line, synonyms comma-separated on it)"
+        )
+    return classes
 
 
 def _signature(config: dict[str, Any]) -> dict[str, Any]:

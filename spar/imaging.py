@@ -80,14 +80,45 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] of any Pillow mode; 16-bit modes are scaled by 65535."""
+class ImageValueError(ValueError):
+    """A float image (Pillow mode ``F``, e.g. a 32-bit float TIFF) holds values outside [0, 1]
+    or non-finite ones: spar will not guess its scale (0-255? 0-65535? HDR?)."""
+
+
+def _float_grey(image: Image.Image, source: str) -> np.ndarray:
+    """(H, W) float32 of a mode ``F`` image, whose values must lie in [0, 1].
+
+    Raises :class:`ImageValueError` naming ``source`` and the value range otherwise (such a
+    file was clipped to white before, without a word).
+    """
+    grey = np.asarray(image, dtype=np.float32)
+    if grey.size == 0:
+        return grey
+    finite = np.isfinite(grey)
+    if not finite.all():
+        raise ImageValueError(
+            f"float image {source} holds {int((~finite).sum())} NaN or infinite values; "
+            "float images must hold values in [0, 1]"
+        )
+    low, high = float(grey.min()), float(grey.max())
+    if low < 0.0 or high > 1.0:
+        hint = "divide it by 255 or save it as 8-bit" if high <= 255.0 else "scale it to [0, 1]"
+        raise ImageValueError(
+            f"float image {source} has values in [{low:g}, {high:g}], outside [0, 1]: {hint}"
+        )
+    return grey
+
+
+def _to_rgb_array(image: Image.Image, source: str = "given as a PIL.Image") -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] of any Pillow mode; 16-bit modes are scaled by 65535, float
+    ones (mode ``F``) are taken as they are and must lie in [0, 1] (:func:`_float_grey`).
+    ``source`` names the image in errors."""
     if image.mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(image).astype(np.float32)
         grey = np.clip(grey / 65535.0, 0.0, 1.0)
         return np.repeat(grey[..., None], 3, axis=2)
     if image.mode == "F":
-        grey = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        grey = _float_grey(image, source)
         return np.repeat(grey[..., None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255
 
@@ -95,10 +126,13 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1] (RGB).
 
-    8-bit images are divided by 255, 16-bit ones (PNG ``I;16``) by 65535; grey images are
-    repeated over the three channels.
+    8-bit images are divided by 255, 16-bit ones (PNG ``I;16``) by 65535; float ones (32-bit
+    float TIFF, Pillow mode ``F``) are taken as they are; grey images are repeated over the
+    three channels.
 
-    Raises ``ValueError`` naming the file when it cannot be decoded, and
+    Raises ``ValueError`` naming the file when it cannot be decoded,
+    :class:`ImageValueError` (a ``ValueError``) naming the file and the value range when a
+    float image holds values outside [0, 1] (they are not guessed at nor clipped), and
     :class:`ImageTooLargeError` (a ``ValueError``) when it declares more pixels than the
     ``max_image_pixels`` setting (:func:`set_max_image_pixels`); it is not decoded then.
     """
@@ -107,7 +141,7 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with _open_checked(path) as image:
-            array = _to_rgb_array(image)
+            array = _to_rgb_array(image, str(path))
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
