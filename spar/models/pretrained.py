@@ -28,7 +28,13 @@ from torch import nn
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json
 from ..utils import check_finite
 from .registry import backbone_entry, create_backbone
-from .weights import WeightLoadingError, load_state_dict_strict, read_weight_file
+from .weights import (
+    HF_HUB_PREFIX,
+    WeightLoadingError,
+    is_hub_id,
+    load_state_dict_strict,
+    read_weight_file,
+)
 
 PRETRAINED_FORMAT = "spar-pretrained-v1"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,31 +173,29 @@ def save_pretrained(
     return folder
 
 
-def _is_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
-
-
 def resolve_pretrained_folder(
     source: str | Path, revision: str | None = None, cache_dir: str | Path | None = None
 ) -> Path:
-    """A local folder as it is; a hub id ``"org/name"`` through huggingface_hub's cache.
+    """A local folder as it is; a hub id (``"org/name"`` or ``"hf-hub:org/name"``, see
+    :func:`~spar.models.weights.is_hub_id`) through huggingface_hub's cache.
 
     Raises:
-        FileNotFoundError: ``source`` is neither a folder nor a hub id.
+        FileNotFoundError: ``source`` is a local path (e.g. ``students/siglip2``, ``./x``,
+            ``/abs/x``) that is not a folder; it is never looked up on the hub.
     """
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if not _is_hub_id(str(source)):
+    if not is_hub_id(str(source)):
         raise FileNotFoundError(
-            f"no student folder {path} (and {str(source)!r} is not a hub id 'org/name')"
+            f"no student folder {path} (a local path; a hub id is 'org/name' or "
+            f"'{HF_HUB_PREFIX}org/name')"
         )
     from huggingface_hub import snapshot_download
 
     return Path(
         snapshot_download(
-            repo_id=str(source),
+            repo_id=str(source).removeprefix(HF_HUB_PREFIX),
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
@@ -224,8 +228,10 @@ def from_pretrained(
     """Load a student written by :func:`save_pretrained`, in eval mode.
 
     Args:
-        source: the folder, or a hub id ``"org/name"`` (``revision``, ``cache_dir`` as in
-            ``huggingface_hub.snapshot_download``; with ``HF_HUB_OFFLINE=1`` only the cache).
+        source: the folder, or a hub id ``"org/name"`` / ``"hf-hub:org/name"`` (``org`` must
+            not be a local folder; see :func:`~spar.models.weights.is_hub_id`); ``revision``
+            and ``cache_dir`` as in ``huggingface_hub.snapshot_download`` (with
+            ``HF_HUB_OFFLINE=1`` only the cache).
         device: where to put it (default: the CPU).
         **options: backbone options that cannot be saved, e.g. ``tokenizer=`` for offline text
             encoding; they override the saved ones.
@@ -237,7 +243,8 @@ def from_pretrained(
     Raises:
         FileNotFoundError: no such folder, or no ``config.json`` / ``model.safetensors`` in it
             (the message names the file).
-        WeightLoadingError: the weights do not fit the backbone (keys and shapes listed).
+        WeightLoadingError: the weights do not fit the backbone (keys and shapes listed), or
+            a tensor holds NaN or inf or is not floating where the model's is (named).
     """
     folder = resolve_pretrained_folder(source, revision, cache_dir)
     config = read_pretrained_config(folder)

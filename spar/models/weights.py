@@ -4,7 +4,10 @@ that name what does not fit."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import os
 import pickle
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,31 @@ class WeightLoadingError(ValueError):
 def looks_like_path(value: str) -> bool:
     """True for strings that are meant as a file path rather than a pretrained tag."""
     return "/" in value or "\\" in value or value.endswith(WEIGHT_FILE_SUFFIXES)
+
+
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def is_hub_id(value: str) -> bool:
+    """True when ``value`` names a Hugging Face hub repository rather than a local path.
+
+    The rule: ``hf-hub:org/name`` always names the hub. Otherwise ``value`` is a hub id when it
+    is ``org/name``: exactly one ``/``, both parts non-empty, no ``\\``, not starting with
+    ``.``, ``~`` or ``/``, not ending in a file suffix (``.safetensors``, ``.pt``, ``.json``,
+    ...), and ``org`` is not a folder here. Anything else is a local path, so a missing
+    ``students/siglip2`` (``students/`` exists) is reported as missing, never looked up on the hub.
+    """
+    if value.startswith(HF_HUB_PREFIX):
+        return True
+    parts = value.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and "\\" not in value
+        and not value.startswith((".", "~"))
+        and not value.endswith((*WEIGHT_FILE_SUFFIXES, ".json"))
+        and not Path(parts[0]).is_dir()
+    )
 
 
 # -- reading files without running code ----------------------------------------------------------
@@ -67,6 +95,50 @@ def _plain_dict(default_factory=None) -> dict:
     return {}
 
 
+#: Objects the stand-ins for builtins may build per byte of the file being read (see
+#: :func:`_bounded_call`): whatever its opcodes, unpickling a file costs a small multiple of
+#: its size.
+UNPICKLING_BUDGET_PER_BYTE = 4
+_PLAIN_VALUES = (type(None), bool, int, float, complex, str, bytes)
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("unpickling_budget")
+
+
+def _object_count(value: Any) -> int:
+    """Objects ``value`` gives a builtin to copy: its length for strings and containers."""
+    return len(value) if isinstance(value, (str, bytes, *_CONTAINERS)) else 1
+
+
+def _bounded_call(kind: type, args: tuple) -> Any:
+    """``kind(*args)`` for a builtin ``kind``, refused unless it is cheap.
+
+    A scalar (``str``, ``int``, ...) is only built from plain values: ``str`` of a memoised
+    nested list would write out every shared copy (exponential in the file size). A container
+    is only built from a plain value or a container, and what it copies is counted against the
+    budget of the file being read (``UNPICKLING_BUDGET_PER_BYTE`` objects per byte).
+    """
+    allowed = _PLAIN_VALUES + (_CONTAINERS if kind in _CONTAINERS else ())
+    for arg in args:
+        if not isinstance(arg, allowed):
+            raise pickle.UnpicklingError(
+                f"builtins.{kind.__name__} applied to a {type(arg).__name__} (stand-ins for "
+                "builtins take plain values only)"
+            )
+    budget = _budget.get([0])
+    budget[0] -= 1 + sum(_object_count(arg) for arg in args)
+    if budget[0] < 0:
+        raise pickle.UnpicklingError(
+            f"it builds more than {UNPICKLING_BUDGET_PER_BYTE} objects per byte of the file"
+        )
+    return kind(*args)
+
+
+def _bounded(kind: type) -> type:
+    """A stand-in for the builtin ``kind``: calling it (or ``__new__``, as the unpickler's
+    NEWOBJ does) returns ``kind(*args)``, an exact builtin, through :func:`_bounded_call`."""
+    return type(kind.__name__, (), {"__new__": lambda cls, *args: _bounded_call(kind, args)})
+
+
 _LIGHTNING_ATTRIBUTE_DICT = (
     "lightning.fabric.utilities.data.AttributeDict",
     "lightning_fabric.utilities.data.AttributeDict",
@@ -94,11 +166,12 @@ _INERT = (
     "pathlib._local.WindowsPath",
 )
 #: Exact full name in a file -> what the weights-only unpickler builds for it. Lightning's
-#: ``AttributeDict`` becomes a plain dict, builtins are themselves, omegaconf configs (saved
-#: hyper-parameters), ``typing.Any`` and paths become inert stand-ins.
+#: ``AttributeDict`` becomes a plain dict, builtins are themselves (built by :func:`_bounded`:
+#: from plain values, within the file's budget), omegaconf configs (saved hyper-parameters),
+#: ``typing.Any`` and paths become inert stand-ins.
 STAND_INS: dict[str, object] = {
-    **{name: dict for name in _LIGHTNING_ATTRIBUTE_DICT},
-    **{f"builtins.{kind.__name__}": kind for kind in _BUILTINS},
+    **{name: _bounded(dict) for name in _LIGHTNING_ATTRIBUTE_DICT},
+    **{f"builtins.{kind.__name__}": _bounded(kind) for kind in _BUILTINS},
     "collections.defaultdict": _plain_dict,
     **{name: _inert(name) for name in _INERT},
 }
@@ -146,9 +219,12 @@ def _read_torch_file(path: Path) -> Any:
     name any other global. Legacy files and raw pickles cannot be scanned; the weights-only
     unpickler itself refuses them then. Either way the error names the file.
     """
+    if _is_zip(path):
+        _check_zip_expansion(path)
     refused = _refused_globals(path) if _is_zip(path) else []
     if refused:
         raise _refusal(path, f"it names {', '.join(refused)}")
+    token = _budget.set([UNPICKLING_BUDGET_PER_BYTE * path.stat().st_size])
     try:
         with torch.serialization.safe_globals([(v, k) for k, v in STAND_INS.items()]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -156,6 +232,50 @@ def _read_torch_file(path: Path) -> Any:
         raise _refusal(path, _unpickler_reason(error)) from error
     except Exception as error:  # noqa: BLE001 - re-raised with the file name
         raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+    finally:
+        _budget.reset(token)
+
+
+#: How many times its own size a zip weight file may expand to; ``torch.save`` stores its
+#: entries uncompressed (about 1x), so only re-compressed files come near it. The environment
+#: variable ``SPAR_MAX_ZIP_EXPANSION`` overrides it.
+MAX_ZIP_EXPANSION = 16.0
+
+
+def max_zip_expansion() -> float:
+    """``SPAR_MAX_ZIP_EXPANSION`` when set (a number > 0), else :data:`MAX_ZIP_EXPANSION`."""
+    value = os.environ.get("SPAR_MAX_ZIP_EXPANSION")
+    if value is None:
+        return MAX_ZIP_EXPANSION
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = 0.0
+    if not limit > 0:
+        raise WeightLoadingError(f"SPAR_MAX_ZIP_EXPANSION must be a number > 0, got {value!r}")
+    return limit
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _check_zip_expansion(path: Path) -> None:
+    """Refuse a zip whose directory declares entries far larger than the file, before any entry
+    is read (the reader allocates what the directory declares, and no more)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as error:
+        raise WeightLoadingError(f"cannot read weight file {path}: {error}") from error
+    size = path.stat().st_size
+    limit = max_zip_expansion()
+    if declared > limit * size:
+        raise WeightLoadingError(
+            f"refused to read {path}: its zip entries expand to {_megabytes(declared)}, more "
+            f"than {limit:g} times the file's {_megabytes(size)} (a compressed archive; set "
+            "SPAR_MAX_ZIP_EXPANSION to allow more)"
+        )
 
 
 def read_weight_file(path: str | Path) -> Any:
@@ -259,4 +379,44 @@ def load_state_dict_strict(
         raise WeightLoadingError(
             f"weights from {source} do not fit the model; " + "; ".join(problems)
         )
+    check_weight_values(state, expected, source)
     module.load_state_dict(state, strict=not partial)
+
+
+def check_weight_values(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str
+) -> None:
+    """Refuse weights that would load without a word but are not weights: a tensor holding NaN
+    or inf, or a non-floating tensor (e.g. int64) where the model's tensor is floating.
+
+    Called by :func:`load_state_dict_strict` (so by every load: ``checkpoint=``, local
+    ``pretrained=`` files, ``from_pretrained``, refinement weights and resume), after the keys
+    and shapes were checked, so it reads at most the model's size.
+
+    Args:
+        state: name -> tensor from the file (any shapes).
+        expected: the model's ``state_dict``; only names in both are checked.
+        source: the file (and setting) the weights came from, quoted in the error.
+
+    Raises:
+        WeightLoadingError: one line naming the source and every offending tensor.
+    """
+    not_floating, not_finite = [], []
+    for name in sorted(set(state) & set(expected)):
+        tensor = state[name]
+        if not expected[name].is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            not_floating.append(f"{name} ({tensor.dtype})")
+        elif not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            not_finite.append(f"{name} ({bad} of {tensor.numel()} values)")
+    problems = []
+    if not_floating:
+        problems.append(
+            f"non-floating tensors where the model's are floating: {_summarise(not_floating)}"
+        )
+    if not_finite:
+        problems.append(f"tensors holding NaN or inf: {_summarise(not_finite)}")
+    if problems:
+        raise WeightLoadingError(f"refused the weights from {source}: " + "; ".join(problems))

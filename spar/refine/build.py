@@ -4,8 +4,10 @@
 stride, short_side, long_side, k, gamma, sigma, alpha, tol, max_iter, neighbourhood, tau,
 lab_scale, batch_size, knn_block}``. ``upsample``: ``{name: bilinear | anyup, weights, chunk_size,
 precision}``. ``weights`` is ``hub`` (the published weights, downloaded once into the hub
-cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no code runs), or
-``null`` (random weights: for timing the stages, never for results).
+cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no code runs; NaN,
+inf or non-floating weights are refused), or ``null`` (random weights: for timing the stages,
+never for results). ``affinity.options`` may not name a file for timm to read
+(``checkpoint_path``, a ``file`` in ``pretrained_cfg``/``pretrained_cfg_overlay``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,29 @@ def _local_weights(value: Any, key: str) -> Path | None:
     return path
 
 
+#: timm options that would make ``timm.create_model`` read a weight file itself, bypassing
+#: spar's reader (:func:`spar.models.weights.read_state_dict`).
+_TIMM_FILE_OPTIONS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def check_timm_options(options: Mapping[str, Any] | None, key: str) -> None:
+    """Refuse timm options that name a weight file (``checkpoint_path``, or a ``file`` in
+    ``pretrained_cfg``/``pretrained_cfg_overlay``): that file would be read by timm, not by
+    spar's reader, so it must be given as ``refine.affinity.weights`` instead.
+
+    Raises:
+        ValueError: one line naming the option and the setting to use.
+    """
+    for name in _TIMM_FILE_OPTIONS:
+        value = (options or {}).get(name)
+        names_file = isinstance(value, Mapping) and value.get("file") is not None
+        if value is not None and (name == "checkpoint_path" or names_file):
+            raise ValueError(
+                f"{key}.{name} names a weight file that timm would read past spar's reader; "
+                "give the file as refine.affinity.weights instead"
+            )
+
+
 def check_stage_settings(
     refine: Mapping[str, Any] | None, upsample: Mapping[str, Any] | None
 ) -> None:
@@ -78,7 +103,9 @@ def check_stage_settings(
         unknown = sorted(set(refine) - {"name", "affinity", *_LPOSS_SETTINGS})
         if unknown:
             raise ValueError(f"unknown refine setting(s) {', '.join(unknown)}")
-        _local_weights(refine.get("affinity", {}).get("weights"), "refine.affinity.weights")
+        affinity = refine.get("affinity", {})
+        check_timm_options(affinity.get("options"), "refine.affinity.options")
+        _local_weights(affinity.get("weights"), "refine.affinity.weights")
     if _name(upsample, "upsample", UPSAMPLE_NAMES) == "anyup":
         unknown = sorted(set(upsample) - {"name", "weights", "chunk_size", "precision"})
         if unknown:
@@ -125,6 +152,7 @@ def build_affinity_backbone(settings: Mapping[str, Any]) -> AffinityBackbone:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     weights = settings.get("weights", HUB)
+    check_timm_options(settings.get("options"), "refine.affinity.options")
     path = _local_weights(weights, "refine.affinity.weights")
     model = timm.create_model(
         settings["model"],
