@@ -338,7 +338,13 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
 
 def check_eval_settings(config: dict[str, Any]) -> None:
     """Check the values ``run_evaluation`` reads besides the model and the stages, before any
-    long work; errors (:class:`~spar.config.SettingError`) name the key and the value."""
+    long work; errors (:class:`~spar.config.SettingError`) name the key and the value.
+
+    Among them the class names (:func:`dataset_classes`): ``dataset.name`` is a known
+    benchmark, and its class-name file (``dataset.class_names``, default the benchmark's own)
+    reads and holds one class per class of the benchmark, so that a wrong file fails before the
+    dataset is scanned, the backbone built and the names encoded."""
+    dataset_classes(config["dataset"])
     if config.get("features") == "teacher":
         from .models.teacher import check_teacher_settings
 

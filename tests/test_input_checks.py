@@ -117,6 +117,10 @@ def test_the_class_count_is_checked_before_any_model_is_built(tmp_path, monkeypa
         "line, synonyms comma-separated on it)"
     )
     assert not (tmp_path / "run" / "per_image.jsonl").exists()
+    missing_root = cfg.copy()
+    missing_root.dataset.root = str(tmp_path / "nowhere")  # checked before the dataset's folders
+    with pytest.raises(SettingError, match="holds 10000 classes, but ade20k has 150"):
+        run_evaluation(missing_root, tmp_path / "run")
 
 
 def test_dataset_settings_of_the_class_names_are_checked():
