@@ -10,9 +10,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spar.models import WeightLoadingError, create_backbone, from_pretrained, save_pretrained
-from spar.models.checkpoint import CHECKPOINT_FORMAT
-from spar.models.weights import is_hub_id, load_state_dict_strict, read_weight_file
+from spar.distill import Distiller, OptimSettings, TeacherTargets, TrainerSettings
+from spar.models import (
+    SlidingWindowTeacher,
+    WeightLoadingError,
+    create_backbone,
+    from_pretrained,
+    save_pretrained,
+)
+from spar.models.checkpoint import CHECKPOINT_FORMAT, read_released_weights
+from spar.models.weights import (
+    check_finite_tensors,
+    is_hub_id,
+    load_state_dict_strict,
+    read_weight_file,
+)
 from spar.refine.build import build_affinity_backbone, check_stage_settings, load_anyup
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
@@ -274,3 +286,74 @@ def test_timm_options_naming_a_file_are_refused(options):
 def test_timm_options_without_a_file_pass():
     options = {"pretrained_cfg_overlay": {"hf_hub_id": "timm/vit_small_patch16_224.dino"}}
     check_stage_settings({"name": "lposs", "affinity": {"options": options}}, None)
+
+
+# -- every entry point, and resume -----------------------------------------------------------------
+
+UNBOUNDED_FILES = {
+    "amplify.ckpt": lambda path: write_pickle_as_torch_zip(path, amplifying_pickle(24)),
+    "bomb.pt": write_deflated_torch_file,
+}
+ENTRY_POINTS = {
+    "create_backbone(checkpoint=)": lambda path: create_backbone("tiny", checkpoint=path),
+    "create_backbone(pretrained=)": lambda path: create_backbone("tiny", pretrained=str(path)),
+    "load_anyup": load_anyup,
+    "read_released_weights": read_released_weights,
+}
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("name", sorted(UNBOUNDED_FILES))
+def test_unbounded_files_are_refused_quickly_everywhere(tmp_path, name, entry_point):
+    path = tmp_path / name
+    UNBOUNDED_FILES[name](path)
+    start = time.perf_counter()
+    with pytest.raises(WeightLoadingError, match=rf"refused to read {path}: "):
+        ENTRY_POINTS[entry_point](path)
+    assert time.perf_counter() - start < 0.5
+
+
+def tiny_distiller(out_dir) -> Distiller:
+    """A Distiller on the tiny backbone (nothing is trained; only save and resume are used)."""
+    student = create_backbone("tiny", trainable_blocks="last-2")
+    return Distiller(
+        student,
+        TeacherTargets(SlidingWindowTeacher(create_backbone("tiny")), out_dir),
+        views=["unused.jpg"],
+        heldout=[],
+        out_dir=out_dir,
+        optim=OptimSettings(),
+        settings=TrainerSettings(epochs=1),
+    )
+
+
+@pytest.mark.parametrize("how", sorted(SPOILS))
+def test_resume_refuses_a_state_with_bad_weights(tmp_path, how):
+    tiny_distiller(tmp_path).save()
+    state_path = tmp_path / "checkpoints" / "last.state.pt"
+    saved = torch.load(state_path, weights_only=True)
+    name = sorted(k for k, v in saved["weights"].items() if v.numel() > 4)[0]
+    saved["weights"] = _spoiled(saved["weights"], name, how)
+    torch.save(saved, state_path)
+    with pytest.raises(
+        WeightLoadingError, match=rf"{state_path}.*" + SPOILS[how].format(name=name)
+    ):
+        tiny_distiller(tmp_path).resume(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(UNBOUNDED_FILES))
+def test_resume_refuses_an_unbounded_state_file(tmp_path, name):
+    state_path = tmp_path / "checkpoints" / "last.state.pt"
+    state_path.parent.mkdir()
+    UNBOUNDED_FILES[name](state_path)
+    with pytest.raises(WeightLoadingError, match=rf"refused to read {state_path}: "):
+        tiny_distiller(tmp_path).resume(tmp_path)
+
+
+def test_nested_state_with_a_nan_is_named():
+    """What resume can check the optimizer state with."""
+    moments = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.tensor([1.0, torch.nan])}}}
+    with pytest.raises(WeightLoadingError, match=r"^refused s\.pt \(optimizer\): .*: "
+                       r"state\.0\.exp_avg \(1 of 2 values\)$"):  # fmt: skip
+        check_finite_tensors(moments, "s.pt (optimizer)")
+    check_finite_tensors({"state": {0: {"step": torch.tensor(3), "ids": [torch.ones(2)]}}}, "s.pt")

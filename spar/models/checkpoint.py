@@ -92,7 +92,8 @@ def load_checkpoint(
 
     Raises:
         WeightLoadingError: unreadable file, a checkpoint of another backbone (both names are
-            given), or parameters the backbone does not have or with other shapes.
+            given), parameters the backbone does not have or with other shapes, or holding NaN
+            or inf or integers where the backbone's are floating (each named).
     """
     tensors, metadata = read_checkpoint(path)
     saved_name = metadata["backbone"].get("name")
@@ -171,7 +172,8 @@ def load_any_checkpoint(
     Our checkpoints hold the trained parameters only and are loaded on top of the pretrained
     weights; released weights hold the whole model (vision and text) and must fit it exactly.
     Returns ``{"format": ..., ...}``; mismatches raise ``WeightLoadingError`` listing the
-    missing, unexpected and mis-shaped keys.
+    missing, unexpected and mis-shaped keys, then the tensors holding NaN or inf or not
+    floating where the backbone's are (see :func:`~spar.models.weights.check_weight_values`).
     """
     if is_spar_checkpoint(path):
         return {**load_checkpoint(backbone, path, expected_name), "format": "spar"}

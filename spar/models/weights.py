@@ -283,7 +283,10 @@ def read_weight_file(path: str | Path) -> Any:
 
     The one way spar reads a weight or state file: a torch file is read with
     ``weights_only=True`` and only the STAND_INS besides torch's own globals; a file naming
-    anything else is refused with a :class:`WeightLoadingError` naming the file.
+    anything else is refused with a :class:`WeightLoadingError` naming the file. Reading is
+    bounded by the file's size: a zip whose entries expand past ``SPAR_MAX_ZIP_EXPANSION``
+    (default 16) times the file is refused before any entry is read, and the stand-ins build
+    at most ``UNPICKLING_BUDGET_PER_BYTE`` objects per byte, from plain values only.
     """
     path = _existing(path)
     if path.suffix != ".safetensors":
@@ -420,3 +423,37 @@ def check_weight_values(
         problems.append(f"tensors holding NaN or inf: {_summarise(not_finite)}")
     if problems:
         raise WeightLoadingError(f"refused the weights from {source}: " + "; ".join(problems))
+
+
+def _floating_tensors(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every floating tensor in nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floating_tensors(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _floating_tensors(item, f"{where}.{index}" if where else str(index))
+
+
+def check_finite_tensors(value: Any, source: str) -> None:
+    """Refuse NaN or inf in any floating tensor of ``value`` (nested dicts / lists / tuples, e.g.
+    an optimizer's ``state_dict`` read from a training state on resume).
+
+    Args:
+        value: what was read from the file.
+        source: the file and entry, quoted in the error (e.g. ``"last.state.pt (optimizer)"``).
+
+    Raises:
+        WeightLoadingError: one line naming ``source`` and the offending entries
+            (e.g. ``state.0.exp_avg``).
+    """
+    bad = [
+        f"{where} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
+        for where, tensor in _floating_tensors(value, "")
+        if not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise WeightLoadingError(f"refused {source}: tensors holding NaN or inf: {_summarise(bad)}")
