@@ -357,3 +357,14 @@ def test_nested_state_with_a_nan_is_named():
                        r"state\.0\.exp_avg \(1 of 2 values\)$"):  # fmt: skip
         check_finite_tensors(moments, "s.pt (optimizer)")
     check_finite_tensors({"state": {0: {"step": torch.tensor(3), "ids": [torch.ones(2)]}}}, "s.pt")
+
+
+def test_bytearray_of_a_large_number_is_refused_before_unpickling(tmp_path):
+    """``bytearray(2**40)``: 30 bytes that torch's own weights-only unpickler would expand to a
+    terabyte; spar refuses the global before unpickling."""
+    path = tmp_path / "zeros.pt"
+    write_pickle_as_torch_zip(
+        path, b"\x80\x02cbuiltins\nbytearray\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R."
+    )
+    with pytest.raises(WeightLoadingError, match=r"zeros\.pt: it names builtins\.bytearray"):
+        read_weight_file(path)
