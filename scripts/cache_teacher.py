@@ -1,41 +1,10 @@
 """Fill the teacher cache for a training config: `python scripts/cache_teacher.py backbone=...`.
 
-Interrupted runs resume (finished entries are kept); under torchrun each rank fills a shard.
+An alias of ``spar-cache`` (:func:`spar.cache.main`): Hydra overrides, ``--help``,
+``-m`` multirun and ``hydra.run.dir=`` work as before.
 """
 
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from spar.config import reject_renamed_overrides, report_user_errors
-from spar.distill import fill_cache, fill_heldout_cache, prepare
-from spar.distributed import distributed_job, register_run_id_resolver
-from spar.io import atomic_write_json
-from spar.utils import configure_matmul_precision
-
-register_run_id_resolver()
-
-
-@hydra.main(config_path="../configs", config_name="cache_teacher", version_base="1.3")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    configure_matmul_precision(cfg.tf32)
-    with distributed_job():
-        setup = prepare(cfg)
-        stats = fill_cache(setup)
-        stats["heldout_unreadable"] = fill_heldout_cache(setup)
-    if setup.context.is_main:
-        out_dir = HydraConfig.get().runtime.output_dir
-        stats["cache_dir"] = str(setup.targets.cache.root)
-        atomic_write_json(f"{out_dir}/cache_summary.json", stats)
-        print(
-            f"teacher cache {setup.targets.cache.root}: {stats['computed']} computed, "
-            f"{stats['reused']} reused, {stats['skipped']} unreadable image view(s)"
-        )
-
+from spar.cache import main
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], "cache_teacher")
     main()

@@ -1,11 +1,10 @@
 """Gather every eval_results.json under a folder into one markdown table of mIoU.
 
-`python scripts/collect_results.py outputs/eval`
+`python scripts/collect_results.py outputs/eval`: an alias of ``spar-collect``
+(:func:`spar.collect.main`).
 """
 
-import sys
-
-from spar.evaluation import collect_results
+from spar.collect import main
 
 if __name__ == "__main__":
-    print(collect_results(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval"))
+    main()

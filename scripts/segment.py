@@ -1,71 +1,10 @@
 """Segment one image with class names: `python scripts/segment.py image=x.jpg classes="[sky,road]"`.
 
-Writes `<image>_segmentation.png` (colour overlay with a legend) and `<image>_features.png` (PCA of
-the dense features as RGB); with `show_teacher=true` the sliding-window teacher is shown beside the
-student in both.
+An alias of ``spar-segment`` (:func:`spar.segment.main`): Hydra overrides, ``--help``,
+``-m`` multirun and ``hydra.run.dir=`` work as before.
 """
 
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from spar.config import reject_renamed_overrides, report_user_errors
-from spar.data.images import set_max_image_pixels
-from spar.distributed import register_run_id_resolver
-from spar.io import atomic_save_image
-from spar.models import build_teacher, compile_report, create_backbone
-from spar.models.compiling import describe_compile_report
-from spar.models.teacher import check_teacher_settings
-from spar.refine import build_stages, check_stage_settings
-from spar.utils import resolve_device
-from spar.viz import feature_picture, segmentation_picture, side_by_side, source_title
-
-register_run_id_resolver()
-
-
-@hydra.main(config_path="../configs", config_name="segment", version_base="1.3")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    if cfg.show_teacher:
-        check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    stages = {group: OmegaConf.to_container(cfg[group]) for group in ("refine", "upsample")}
-    check_stage_settings(stages.get("refine"), stages.get("upsample"))  # before any long work
-    set_max_image_pixels(cfg.max_image_pixels)
-    backbone_cfg = OmegaConf.to_container(cfg.backbone)
-    backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint, compile=cfg.compile)
-    backbone = backbone.to(resolve_device(cfg.device))
-    classes = list(OmegaConf.to_container(cfg.classes))
-    bounds = None if cfg.bounds is None else tuple(cfg.bounds)
-    options = dict(
-        bounds=bounds,
-        templates=cfg.templates,
-        logit_scale=cfg.logit_scale,
-        prob_threshold=cfg.prob_threshold,
-        area_threshold=cfg.area_threshold,
-        **build_stages(stages, backbone.device),
-    )
-    picture, _ = segmentation_picture(backbone, cfg.image, classes, **options)
-    teacher = build_teacher(backbone, cfg.teacher) if cfg.show_teacher else None
-    if teacher is not None:
-        teacher_picture, _ = segmentation_picture(
-            backbone, cfg.image, classes, dense=teacher, **options
-        )
-        picture = side_by_side(
-            [picture, teacher_picture], ["student (single pass)", source_title(teacher)]
-        )
-    stem = Path(cfg.image).stem
-    atomic_save_image(out_dir / f"{stem}_segmentation.png", picture)
-    features = feature_picture(backbone, cfg.image, dense=teacher, bounds=bounds)
-    atomic_save_image(out_dir / f"{stem}_features.png", features)
-    print(f"wrote {out_dir / f'{stem}_segmentation.png'} and {out_dir / f'{stem}_features.png'}")
-    if cfg.compile:
-        print(describe_compile_report(compile_report(backbone)))
-
+from spar.segment import main
 
 if __name__ == "__main__":
-    reject_renamed_overrides(sys.argv[1:], "segment")
     main()

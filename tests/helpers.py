@@ -20,7 +20,7 @@ from spar.evaluation import read_prediction_png
 from spar.metrics import MeanIoU
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "spar" / "configs"  # shipped in the package (spar.configs.CONFIG_DIR)
 
 
 def script_environment(base: dict[str, str]) -> dict[str, str]:

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spar.app import classes_from_text, legend_html, load_backbone, run_page, segment_page
 from spar.models import build_teacher, create_backbone, save_pretrained
 from spar.segmentation import OpenVocabSegmenter
+from spar.tools.app import classes_from_text, legend_html, load_backbone, run_page, segment_page
 
 
 def test_classes_from_text_lines_semicolons_and_synonyms():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spar.app import build_page, launch_page, sample_images
+from spar.tools.app import build_page, launch_page, sample_images
 
 pytestmark = [
     pytest.mark.browser,

@@ -362,7 +362,7 @@ def test_notebook_default_trains_nothing_and_training_configs_train_the_last_two
     trained = create_backbone("tiny", trainable_blocks="last-2")
     assert trained.num_trainable_parameters() == _block_params(trained, [2, 3])
     for name in ("tiny", "maskclip", "siglip2", "dinov3txt"):
-        text = (ROOT / "configs" / "backbone" / f"{name}.yaml").read_text()
+        text = (ROOT / "spar" / "configs" / "backbone" / f"{name}.yaml").read_text()
         assert "trainable_blocks: last-2" in text, name
 
 

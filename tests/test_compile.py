@@ -154,7 +154,7 @@ def test_evaluation_with_a_compiled_student_scores_as_the_eager_one(tmp_path, ca
 def test_speed_times_a_compiled_student_and_reports_its_compile_time(
     tiny_backbone, capture_only_compile
 ):
-    from spar.speed import format_table, measure_speed
+    from spar.tools.speed import format_table, measure_speed
 
     results = measure_speed(
         copy.deepcopy(tiny_backbone),

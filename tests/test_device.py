@@ -111,7 +111,7 @@ FACTORIES |= {"linspace", "rand", "randn", "randint", "randperm"}
 PARAMETER_INIT = "parameter initialisation, moved by .to()"
 # Reviewed calls without device=, (file, enclosing function, factory) -> why the CPU is right.
 CPU_BY_DESIGN = {
-    ("speed.py", "_images", "randn"): "seeded on the CPU so every device sees the same images",
+    ("tools/speed.py", "_images", "randn"): "seeded on the CPU: every device sees the same images",
     ("distill/buckets.py", "epoch_order", "randperm"): "sampler indices are host-side lists",
     ("distill/buckets.py", "bucket_batches", "randperm"): "sampler indices are host-side lists",
     ("metrics.py", "_flat_long", "as_tensor"): "the confusion matrix is a CPU accumulator",

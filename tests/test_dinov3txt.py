@@ -289,8 +289,8 @@ def test_tokenizer_is_clip_bpe_with_77_tokens(tmp_path):
 def test_evaluation_and_demo_run_on_the_tiny_config(tmp_path, tiny):
 
     from spar.data import SAMPLE_IMAGES
-    from spar.demo import compare_teacher_student
     from spar.evaluation import run_evaluation
+    from spar.tools.demo import compare_teacher_student
 
     write_benchmark("cityscapes", tmp_path / "cs")
     cfg = eval_config(

@@ -1,4 +1,4 @@
-"""The fault-trial script (spar.fault_trials): every trial kind survives a short seeded run."""
+"""The fault trials (spar.tools.fault_trials): every trial kind survives a short seeded run."""
 
 import json
 import struct
@@ -7,7 +7,7 @@ import pytest
 from helpers import run_script
 from PIL import Image
 
-from spar.fault_trials import KINDS, draw_trials, format_table, write_png_bomb
+from spar.tools.fault_trials import KINDS, draw_trials, format_table, write_png_bomb
 
 
 def test_trials_are_drawn_from_the_counts_and_kinds():

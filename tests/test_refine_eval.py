@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from spar.evaluation import run_evaluation
 from spar.refine import LPOSS, AnyUpUpsampler, build_stages
 from spar.segmentation import OpenVocabSegmenter
-from spar.speed import format_stage_table, measure_stages, stage_combinations
+from spar.tools.speed import format_stage_table, measure_stages, stage_combinations
 
 
 def _stage_config(tmp_path, refine, upsample):

@@ -28,12 +28,12 @@ from spar.distill.checkpointing import resume_training, save_training_checkpoint
 from spar.distill.run_log import RunFolder, RunFolderError, RunLog
 from spar.distributed import run_id
 from spar.evaluation import run_evaluation
-from spar.fault_trials import write_png_bomb
 from spar.features import extract_features
 from spar.io import atomic_path, atomic_save_image, atomic_write_json, remove_orphan_temporaries
 from spar.models import create_backbone
 from spar.models.checkpoint import read_checkpoint, save_checkpoint
 from spar.models.weights import WeightLoadingError
+from spar.tools.fault_trials import write_png_bomb
 from spar.utils import NonFiniteError
 
 # -- settings are checked before any long work ---------------------------------------------------

@@ -8,12 +8,12 @@ import yaml
 from helpers import ROOT, run_script
 
 from spar.data import SAMPLE_IMAGES, list_images
-from spar.demo import compare_teacher_student
 from spar.models import backbone_entry, build_teacher, create_backbone
+from spar.tools.demo import compare_teacher_student
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "configs" / "backbone").glob("*.yaml")), ids=lambda p: p.stem
+    "path", sorted((ROOT / "spar" / "configs" / "backbone").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_backbone_configs_name_registered_backbones(path):
     config = yaml.safe_load(path.read_text())
@@ -72,7 +72,7 @@ def test_demo_script_runs_with_hydra_overrides(tmp_path):
 
 
 def test_backbone_config_creates_the_tiny_backbone():
-    config = yaml.safe_load((ROOT / "configs" / "backbone" / "tiny.yaml").read_text())
+    config = yaml.safe_load((ROOT / "spar" / "configs" / "backbone" / "tiny.yaml").read_text())
     backbone = create_backbone(**config)
     assert backbone.num_trainable_parameters() > 0
 

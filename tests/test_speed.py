@@ -9,7 +9,8 @@ from helpers import run_script
 from torch import nn
 
 from spar.models import create_backbone
-from spar.speed import (
+from spar.timing import time_call
+from spar.tools.speed import (
     count_flops,
     format_recipe,
     format_table,
@@ -18,7 +19,6 @@ from spar.speed import (
     profile_table,
     recipe_estimate,
     relative_error,
-    time_call,
 )
 from spar.utils import configure_matmul_precision
 

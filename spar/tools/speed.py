@@ -3,8 +3,9 @@ FLOP counts, achieved TFLOP/s against the measured matmul peak, peak memory, bf1
 hours of a training recipe estimated from them (:func:`recipe_estimate`) and profiler tables of
 one forward (:func:`profile_forwards`).
 
-``scripts/speed.py`` (Hydra config ``configs/speed.yaml``) prints :func:`format_table` and writes
-``speed_results.json`` and ``speed_strides.png`` (and, with ``profile=true``, the profiler tables).
+``spar-speed`` (:mod:`spar.speed`, config ``spar/configs/speed.yaml``) prints :func:`format_table`
+and writes ``speed_results.json`` and ``speed_strides.png`` (and, with ``profile=true``, the
+profiler tables).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import contextlib
 import copy
 import math
 import platform
-import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,38 +23,18 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import renamed_arguments
-from .distill import OptimSettings, StudentOptimizer, teacher_map
-from .io import atomic_save_image
-from .models import build_teacher, compile_backbone, compile_report
-from .models.compiling import CompileSetting, describe_compile_report
-from .refine import build_stages
-from .segmentation import OpenVocabSegmenter
-from .utils import Autocast, autocast_dtype, autocast_for, configure_matmul_precision
+from ..config import renamed_arguments
+from ..distill import OptimSettings, StudentOptimizer, teacher_map
+from ..io import atomic_save_image
+from ..models import build_teacher, compile_backbone, compile_report
+from ..models.compiling import CompileSetting, describe_compile_report
+from ..refine import build_stages
+from ..segmentation import OpenVocabSegmenter
+from ..timing import synchronize, time_call
+from ..utils import Autocast, autocast_dtype, autocast_for, configure_matmul_precision
 
 GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
 CPU_SIZES = ((224, 224), (448, 448), (448, 896))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(
-    function: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5
-) -> dict[str, float]:
-    """Median, min and max seconds of ``function()`` after ``warmup`` calls, synchronised."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
 def peak_memory(function: Callable[[], Any], device: torch.device) -> int | None:

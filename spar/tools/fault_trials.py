@@ -29,6 +29,11 @@ process doing the work, and compares what it leaves with an uninterrupted refere
 Trials are drawn from one seed, so a run of :func:`run_trials` is reproducible. The parent
 process only forks, reads files and compares arrays (no torch computation, which keeps forking
 safe).
+
+As a command: ``python -m spar.tools.fault_trials [kills=5 per_kind=1]``
+(``scripts/fault_trials.py``; config ``spar/configs/fault_trials.yaml``) prints a line per trial
+and the table, writes ``fault_trials.json`` to the run folder and exits with status 1 when a trial
+lost anything.
 """
 
 from __future__ import annotations
@@ -49,13 +54,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.numpy import load_file
 
-from .data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..config import report_user_errors
+from ..configs import CONFIG_DIR
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..distributed import register_run_id_resolver
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KILL_KINDS = ("kill during caching", "kill during training", "kill between checkpoint writes")
 CORRUPTION_KINDS = (
     "cache: flipped data bytes",
@@ -135,17 +145,14 @@ def trial_config(images: Path, cache: Path, *overrides: str) -> dict[str, Any]:
     """The ``configs/train.yaml`` config of a trial run, as a plain dict."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from .distributed import register_run_id_resolver
 
     register_run_id_resolver()
     settings = [*TRIAL_SETTINGS, f"train_images.root={images}", f"teacher.cache_dir={cache}"]
     settings += list(overrides)
-    if GlobalHydra.instance().is_initialized():  # under scripts/fault_trials.py: configs/ too
+    if GlobalHydra.instance().is_initialized():  # under the fault-trials command: the same configs
         cfg = compose(config_name="train", overrides=settings)
     else:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=settings)
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -199,7 +206,7 @@ def in_child(work: Callable[[], Any]) -> dict[str, Any]:
 
 
 def _train(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    from .distill import run_distillation
+    from ..distill import run_distillation
 
     summary = run_distillation(config, out_dir)
     return {
@@ -213,8 +220,8 @@ def _kill_self() -> None:
 
 def _counting_hooks(counts: Counter) -> None:
     """Count the events a kill can hit (cache writes, training steps, checkpoint saves)."""
-    from .distill import cache as cache_module
-    from .distill import checkpointing, trainer
+    from ..distill import cache as cache_module
+    from ..distill import checkpointing, trainer
 
     save_file, train_step = cache_module.save_file, trainer.Distiller.train_step
     save_checkpoint = checkpointing.save_checkpoint
@@ -239,8 +246,8 @@ def _counting_hooks(counts: Counter) -> None:
 
 def _killing_hooks(kind: str, at: int, stage: str) -> None:
     """SIGKILL this process at event ``at`` (1-based) of ``kind`` at ``stage``."""
-    from .distill import cache as cache_module
-    from .distill import checkpointing, trainer
+    from ..distill import cache as cache_module
+    from ..distill import checkpointing, trainer
 
     seen = Counter()
     if kind == "cache":
@@ -348,7 +355,7 @@ def _cache_entries(cache: Path) -> dict[str, Path]:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    from .io import is_temporary
+    from ..io import is_temporary
 
     return [p for p in folder.rglob(".*") if is_temporary(p)]
 
@@ -605,15 +612,15 @@ def _view(path: Path) -> dict[str, Any]:
 
 
 def _load(path: Path) -> list:
-    from .data.images import load_image
+    from ..data.images import load_image
 
     return load_image(path).tolist()
 
 
 def _extract(images: Path, out_dir: Path, limit: int) -> dict[str, Any]:
-    from .data.images import list_images, set_max_image_pixels
-    from .features import extract_features
-    from .models import create_backbone
+    from ..data.images import list_images, set_max_image_pixels
+    from ..features import extract_features
+    from ..models import create_backbone
 
     set_max_image_pixels(limit)
     backbone = create_backbone("tiny")
@@ -707,11 +714,11 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def run_fault_trials(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
-    """What ``scripts/fault_trials.py`` runs (``configs/fault_trials.yaml``: ``kills``,
+    """What the command (:func:`main`) runs (``configs/fault_trials.yaml``: ``kills``,
     ``per_kind``, ``seed``, ``workdir``, ``keep``): the trials, a line per trial and the table
     printed, and ``out_dir/fault_trials.json`` written."""
-    from .config import require_bool, require_int
-    from .io import atomic_write_json
+    from ..config import require_bool, require_int
+    from ..io import atomic_write_json
 
     require_int("kills", cfg["kills"], 0)
     require_int("per_kind", cfg["per_kind"], 0)
@@ -729,3 +736,19 @@ def run_fault_trials(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     atomic_write_json(Path(out_dir) / "fault_trials.json", results)
     print(f"results in {Path(out_dir) / 'fault_trials.json'}")
     return results
+
+
+register_run_id_resolver()  # ${spar_run_id:} in the run folder, resolved before main() runs
+
+
+@hydra.main(config_path="pkg://spar.configs", config_name="fault_trials", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    """The command line (Hydra overrides): the trials; exit status 1 when one lost anything."""
+    results = run_fault_trials(OmegaConf.to_container(cfg), HydraConfig.get().runtime.output_dir)
+    if any(row["lost"] for row in results["rows"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,10 @@
 ``make demo`` distils the tiny backbone on the bundled sample images, then runs this with the
 distilled student next to the pretrained one; with a real backbone it shows how far the single
 pass is from the sliding-window teacher before and after distillation.
+
+As a command: ``python -m spar.tools.demo [images=dir] [checkpoint=path]`` (``scripts/demo.py``;
+config ``spar/configs/demo.yaml``) prints a line per image and writes the pictures and
+``demo_summary.json`` to the run folder.
 """
 
 from __future__ import annotations
@@ -11,18 +15,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import renamed_arguments
-from .data import prepare_image
-from .data.samples import SAMPLE_IMAGES  # noqa: F401  (re-exported: spar.demo.SAMPLE_IMAGES)
-from .io import atomic_save_image, atomic_write_json
-from .models import SlidingWindowTeacher, build_teacher
-from .segmentation import OpenVocabSegmenter, parse_classes
-from .utils import module_device
-from .viz import overlay, pca_rgb, side_by_side, source_title, to_pil
+from ..config import renamed_arguments, report_user_errors
+from ..data import SAMPLE_IMAGES, list_images, prepare_image
+from ..data.images import set_max_image_pixels
+from ..io import atomic_save_image, atomic_write_json
+from ..models import SlidingWindowTeacher, build_teacher, create_backbone
+from ..models.teacher import check_teacher_settings
+from ..segmentation import OpenVocabSegmenter, parse_classes
+from ..utils import module_device, resolve_device
+from ..viz import overlay, pca_rgb, side_by_side, source_title, to_pil
 
 
 def _timed(function, images: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -126,3 +134,51 @@ def compare_teacher_student(
     }
     atomic_write_json(out_dir / "demo_summary.json", summary)
     return summary
+
+
+def print_summary(summary: dict, out_dir: str | Path) -> None:
+    """A line per image of :func:`compare_teacher_student`'s ``summary`` and the means."""
+    distilled = summary["distilled"]
+    header = f"{'image':<24}{'size':>10}{'windows':>9}{'cos pretrained':>16}"
+    header += f"{'cos distilled':>15}" if distilled else ""
+    print(header + f"{'student s':>11}{'teacher s':>11}")
+    for row in summary["images"]:
+        line = f"{row['image'].split('/')[-1]:<24}{'x'.join(map(str, row['size'])):>10}"
+        line += f"{row['windows']:>9}{row['cosine']:>16.3f}"
+        line += f"{row['distilled_cosine']:>15.3f}" if distilled else ""
+        print(line + f"{row['student_seconds']:>11.3f}{row['teacher_seconds']:>11.3f}")
+    distilled_part = f", distilled {summary['mean_distilled_cosine']:.3f}" if distilled else ""
+    print(
+        f"mean cosine to the teacher: pretrained {summary['mean_cosine']:.3f}{distilled_part}; "
+        f"teacher/student time {summary['teacher_over_student_time']:.1f}x; "
+        f"pictures and summary in {out_dir}"
+    )
+
+
+@hydra.main(config_path="pkg://spar.configs", config_name="demo", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    """The command line (Hydra overrides): compare as ``cfg`` says, print the summary."""
+    check_teacher_settings(OmegaConf.to_container(cfg.teacher), cfg.backbone.name)
+    set_max_image_pixels(cfg.max_image_pixels)
+    device = resolve_device(cfg.device)
+    backbone_cfg = OmegaConf.to_container(cfg.backbone)
+    backbone = create_backbone(**backbone_cfg).to(device)
+    distilled = None
+    if cfg.checkpoint:
+        distilled = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint).to(device)
+    out_dir = HydraConfig.get().runtime.output_dir
+    summary = compare_teacher_student(
+        backbone,
+        list_images(cfg.images or SAMPLE_IMAGES),
+        list(cfg.classes),
+        out_dir,
+        teacher=build_teacher(backbone, cfg.teacher),
+        bounds=tuple(cfg.bounds),
+        distilled=distilled,
+    )
+    print_summary(summary, out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""The interactive page: ``python scripts/app.py`` (Gradio; ``pip install -e ".[app]"``).
+"""The interactive page: ``spar-app`` or ``python scripts/app.py`` (Gradio: the ``app`` extra).
 
 An uploaded image or a bundled sample, class names typed as text, and choices of backbone,
 checkpoint, teacher stride, prompt templates and background thresholds. The page shows the
@@ -26,13 +26,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import list_images, prepare_image
-from .data.samples import SAMPLE_IMAGES
-from .models import build_teacher, create_backbone, from_pretrained, list_backbones
-from .segmentation import OpenVocabSegmenter, parse_classes
-from .speed import time_call
-from .utils import module_device, resolve_device
-from .viz import overlay, palette, pca_rgb, side_by_side, source_title, to_pil
+from ..configs import CONFIG_DIR
+from ..data import list_images, prepare_image
+from ..data.samples import SAMPLE_IMAGES
+from ..models import build_teacher, create_backbone, from_pretrained, list_backbones
+from ..segmentation import OpenVocabSegmenter, parse_classes
+from ..timing import time_call
+from ..utils import module_device, resolve_device
+from ..viz import overlay, palette, pca_rgb, side_by_side, source_title, to_pil
 
 #: (long, short) sides an image is resized to fit, keeping its aspect ratio.
 IMAGE_BOUNDS = {"448x336": (448, 336), "896x672": (896, 672), "2048x672": (2048, 672)}
@@ -105,15 +106,12 @@ def _timed_prediction(
     return mask, features[0].float(), seconds
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 def stage_names() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(refine names, upsample names) of ``spar.refine`` when their configs are there (a source
-    checkout), else ``None``: the page then offers no refinement stages."""
-    from .refine import REFINE_NAMES, UPSAMPLE_NAMES
+    """(refine names, upsample names) of ``spar.refine`` when their configs are there (shipped in
+    ``spar/configs``), else ``None``: the page then offers no refinement stages."""
+    from ..refine import REFINE_NAMES, UPSAMPLE_NAMES
 
-    if not (CONFIGS / "refine").is_dir() or not (CONFIGS / "upsample").is_dir():
+    if not (CONFIG_DIR / "refine").is_dir() or not (CONFIG_DIR / "upsample").is_dir():
         return None
     return tuple(REFINE_NAMES), tuple(UPSAMPLE_NAMES)
 
@@ -126,10 +124,10 @@ def load_stages(refine: str, upsample: str, device: str) -> dict[str, nn.Module 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .refine import build_stages
+    from ..refine import build_stages
 
     settings = {}
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for group, name in (("refine", refine), ("upsample", upsample)):
             settings.update(OmegaConf.to_container(compose(config_name=f"{group}/{name}")))
     return build_stages(settings, device)
@@ -435,7 +433,7 @@ def launch_page(page: Any, host: str = "127.0.0.1", port: int = 7860, block: boo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``scripts/app.py``: parse the command line, build the page and serve it."""
+    """``spar-app`` (``scripts/app.py``): parse the command line, build the page and serve it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on")
     parser.add_argument("--port", type=int, default=7860)
