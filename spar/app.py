@@ -1,0 +1,23 @@
+"""``spar-app``: the interactive page (Gradio, the ``app`` extra: ``pip install "spar[app]"``).
+
+``spar-app [--port 7860] [--backbone tiny] [--checkpoint X]`` (also ``python -m spar.app`` and
+``scripts/app.py``), then open http://127.0.0.1:7860. The page is :mod:`spar.tools.app`'s.
+"""
+
+from spar.tools.app import main
+
+
+def __getattr__(name: str):
+    """``from spar.app import build_page`` (the library before 0.2): an ImportError naming the
+    page's new home, :mod:`spar.tools.app`."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise ImportError(
+        f"spar.app.{name} moved to spar.tools.app.{name} (spar.app is the spar-app command)"
+    )
+
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    main()
