@@ -70,7 +70,7 @@ def configure_matmul_precision(tf32: bool) -> Callable[[], None]:
     convolutions through ``torch.backends.cudnn.conv.fp32_precision`` (``"tf32"`` | ``"ieee"``).
     Only CUDA GPUs with TF32 (Ampere or newer) change; the flags exist, unused, without CUDA.
     Process-wide: the scripts call it at start (``tf32`` in their configs); library functions
-    leave the setting as they find it (``spar.speed`` turns TF32 off only around its float32
+    leave the setting as they find it (``spar.tools.speed`` turns TF32 off only around its float32
     reference, then restores it).
     """
     matmul = torch.get_float32_matmul_precision()
