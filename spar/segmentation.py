@@ -372,8 +372,8 @@ class OpenVocabSegmenter(nn.Module):
         if fit != "truncate" or patch is None:
             return images
         height, width = images.shape[-2:]
-        keep_h = max(height // patch, 1) * patch if height >= patch else height
-        keep_w = max(width // patch, 1) * patch if width >= patch else width
+        keep_h = height // patch * patch if height >= patch else height
+        keep_w = width // patch * patch if width >= patch else width
         return images[..., :keep_h, :keep_w]
 
     def _staged_logits(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
