@@ -131,7 +131,9 @@ def _user_error_types() -> tuple[type[Exception], ...]:
     # Imported here: spar.data and spar.models import this module.
     from .data.benchmarks import LabelError
     from .distill.run_log import RunFolderError
+    from .imaging import ImageTooLargeError, ImageValueError
     from .models.weights import WeightLoadingError
+    from .provenance import ProvenanceError
 
     return (
         FileNotFoundError,
@@ -140,6 +142,9 @@ def _user_error_types() -> tuple[type[Exception], ...]:
         WeightLoadingError,
         LabelError,
         RunFolderError,
+        ProvenanceError,
+        ImageValueError,
+        ImageTooLargeError,
     )
 
 
