@@ -204,7 +204,7 @@ def check_fingerprint(
     }
     refused = {key: pair for key, pair in differences.items() if key not in allowed}
     if refused:
-        message = f"{what} was made from other settings, data or weights: "
+        message = f"{what} was made from other settings, data or weights; differing: "
         message += describe_differences(refused)
         raise ProvenanceError(message + (f" ({hint})" if hint else ""))
     return allowed
