@@ -4,18 +4,12 @@
 ``scripts/app.py``), then open http://127.0.0.1:7860. The page is :mod:`spar.tools.app`'s.
 """
 
+from spar.deprecations import module_getattr
 from spar.tools.app import main
 
-
-def __getattr__(name: str):
-    """``from spar.app import build_page`` (the library before 0.2): an ImportError naming the
-    page's new home, :mod:`spar.tools.app`."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise ImportError(
-        f"spar.app.{name} moved to spar.tools.app.{name} (spar.app is the spar-app command)"
-    )
-
+#: ``from spar.app import build_page`` (the library before 0.2): an ImportError naming the page's
+#: new home, :mod:`spar.tools.app` (:data:`spar.deprecations.DEPRECATIONS`).
+__getattr__ = module_getattr(__name__)
 
 __all__ = ["main"]
 

@@ -1,9 +1,10 @@
 """Configuration vocabulary: settings that were renamed fail with their new spelling.
 
-:data:`RENAMED_SETTINGS` holds, per entry point, a table ``old key -> new spelling``.
-Scripts check their command-line overrides against it before Hydra composes the config (Hydra
-would only say that the old key is unknown), and the library functions that take a config
-check its keys too, so a notebook's hand-written dict gets the same message.
+:data:`RENAMED_SETTINGS` holds, per entry point, the renamed settings of the one table of old
+spellings (:data:`spar.deprecations.DEPRECATIONS`). The console commands check their
+command-line overrides against it before Hydra composes the config (Hydra would only say that
+the old key is unknown), and the library functions that take a config check its keys too, so a
+notebook's hand-written dict gets the same message.
 """
 
 from __future__ import annotations
@@ -11,37 +12,20 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
+from .deprecations import COMMANDS, Deprecation, deprecations, module_getattr
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-_MODE_TO_FEATURES = "features (mode=single: features=student, mode=slide: features=teacher)"
-_SLIDE_TO_TEACHER = "teacher (e.g. teacher.stride=48; configs/teacher/sliding_window.yaml)"
-_TRAINING = {
-    "teacher.mode": "teacher.cache (teacher.mode=cached: teacher.cache=true, "
-    "teacher.mode=online: teacher.cache=false)",
-    "train.unfreeze": "backbone.trainable_blocks (e.g. backbone.trainable_blocks=all)",
-    "data": "train_images (data=sa1b: train_images=sa1b, data.root=...: train_images.root=...)",
-}
-#: Per entry point (configs/<name>.yaml): renamed setting or override -> its new spelling.
-RENAMED_SETTINGS: dict[str, dict[str, str]] = {
-    "train": _TRAINING,
-    "cache_teacher": _TRAINING,
-    "eval": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
-    "extract_features": {"mode": _MODE_TO_FEATURES, "slide": _SLIDE_TO_TEACHER},
-    "speed": {
-        "strides": "stride_sweep (the teacher strides timed)",
-        "window_batch": "teacher.batch_size",
-    },
-    "segment": {
-        "slide": _SLIDE_TO_TEACHER,
-        "teacher=true": "show_teacher=true (teacher.* now holds the teacher's settings)",
-        "teacher=false": "show_teacher=false",
-    },
+#: Per entry point (configs/<name>.yaml): renamed setting or override -> its entry of the table.
+RENAMED_SETTINGS: dict[str, dict[str, Deprecation]] = {
+    entry: deprecations("setting", entry) for entry in COMMANDS
 }
 
 
@@ -53,8 +37,9 @@ class SettingError(ValueError):
     """A setting has a value it cannot take; the message names the key and the value."""
 
 
-def is_int(value: Any) -> bool:
-    """``value`` is an integer setting (``True``/``False`` are not, though Python says so)."""
+def is_int_not_bool(value: Any) -> bool:
+    """``value`` is an ``int`` and not a ``bool`` (``True``/``False`` are no integer setting,
+    though Python says they are ints)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -69,7 +54,7 @@ def require_int(key: str, value: Any, minimum: int, *, optional: bool = False) -
     if optional and value is None:
         return
     what = f"an integer >= {minimum}" + (" or null" if optional else "")
-    require(is_int(value) and value >= minimum, key, value, what)
+    require(is_int_not_bool(value) and value >= minimum, key, value, what)
 
 
 def require_bool(key: str, value: Any) -> None:
@@ -92,15 +77,18 @@ def _has_key(config: Mapping[str, Any], dotted: str) -> bool:
 
 
 def check_renamed(
-    settings: Mapping[str, Any] | Sequence[str], renamed: Mapping[str, str], where: str
+    settings: Mapping[str, Any] | Sequence[str],
+    renamed: Mapping[str, Deprecation | str],
+    where: str,
 ) -> None:
     """Raise :class:`RenamedSettingError` if ``settings`` uses a key of ``renamed``.
 
     Args:
         settings: a (nested) config mapping, or Hydra command-line overrides such as
             ``["mode=slide", "slide.stride=48"]``.
-        renamed: dotted old key (or a whole old override, ``"teacher=true"``) -> how to write
-            it now; one of :data:`RENAMED_SETTINGS`.
+        renamed: dotted old key (or a whole old override, ``"teacher=true"``) -> its
+            :class:`~spar.deprecations.Deprecation` (or how to write it now); one of
+            :data:`RENAMED_SETTINGS`.
         where: the script or function, named in the message.
     """
     if isinstance(settings, Mapping):
@@ -114,15 +102,21 @@ def check_renamed(
             if old in given or any(k == old or k.startswith(old + ".") for k in keys)
         ]
     if used:
-        lines = "; ".join(f"{old} is now {renamed[old]}" for old in used)
+        lines = "; ".join(_renamed_line(old, renamed[old]) for old in used)
         raise RenamedSettingError(f"{where}: renamed settings: {lines}")
 
 
+def _renamed_line(old: str, entry: Deprecation | str) -> str:
+    return entry.message() if isinstance(entry, Deprecation) else f"{old} is now {entry}"
+
+
 def reject_renamed_overrides(overrides: Sequence[str], script: str) -> None:
-    """For ``scripts/<script>.py``: exit with the message of :func:`check_renamed` (no
-    traceback) when its command-line ``overrides`` use a renamed setting."""
+    """For the entry point ``script`` (a config name of :data:`spar.deprecations.COMMANDS`, e.g.
+    ``"train"``): exit with the message of :func:`check_renamed`, which names its console
+    command (``spar-train``; ``scripts/train.py`` is an alias), without a traceback when the
+    command-line ``overrides`` use a renamed setting."""
     try:
-        check_renamed(overrides, RENAMED_SETTINGS.get(script, {}), f"scripts/{script}.py")
+        check_renamed(overrides, RENAMED_SETTINGS.get(script, {}), COMMANDS.get(script, script))
     except RenamedSettingError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -200,22 +194,39 @@ if not OmegaConf.has_resolver("spar_config_groups"):
     OmegaConf.register_new_resolver("spar_config_groups", used_config_groups)
 
 
-def renamed_arguments(**renamed: str) -> Callable[[F], F]:
-    """Decorate a function whose keyword arguments were renamed: ``old="new spelling"``.
+def _module_name(module: str) -> str:
+    """``module``'s import name, also under ``python -m`` (where it runs as ``__main__``)."""
+    spec = getattr(sys.modules.get(module), "__spec__", None)
+    return spec.name if module == "__main__" and spec is not None else module
 
-    Passing an old keyword raises ``TypeError`` naming the new one, instead of Python's bare
-    "unexpected keyword argument".
+
+def renamed_arguments() -> Callable[[F], F]:
+    """Decorate a function whose keyword arguments were renamed: the ``argument`` entries of
+    :data:`spar.deprecations.DEPRECATIONS` for ``"<module>.<qualified name>"`` of the function.
+
+    Passing an old keyword raises ``TypeError`` naming the new one (and the release from which
+    the old one is unknown), instead of Python's bare "unexpected keyword argument". A function
+    with no entry in the table is a mistake, raised when the module is imported.
     """
 
     def decorate(function: F) -> F:
+        where = f"{_module_name(function.__module__)}.{function.__qualname__}"
+        renamed = deprecations("argument", where)
+        if not renamed:
+            raise LookupError(f"renamed_arguments: no argument of {where} in the deprecations")
+
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             used = [old for old in renamed if old in kwargs]
             if used:
-                lines = "; ".join(f"{old}= is now {renamed[old]}" for old in used)
+                lines = "; ".join(renamed[old].message() for old in used)
                 raise TypeError(f"{function.__qualname__}: renamed arguments: {lines}")
             return function(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+#: ``spar.config.is_int`` (renamed): an ImportError naming :func:`is_int_not_bool`.
+__getattr__ = module_getattr(__name__)

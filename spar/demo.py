@@ -1,7 +1,6 @@
 """Moved: the teacher-versus-student demo is :mod:`spar.tools.demo`; the bundled sample images are
-``spar.data.SAMPLE_IMAGES``."""
+``spar.data.SAMPLE_IMAGES`` (:data:`spar.deprecations.DEPRECATIONS`)."""
 
-raise ImportError(
-    "spar.demo moved to spar.tools.demo (compare_teacher_student); "
-    "SAMPLE_IMAGES is spar.data.SAMPLE_IMAGES"
-)
+from .deprecations import moved_module_error
+
+raise moved_module_error(__name__)

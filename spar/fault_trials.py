@@ -1,3 +1,6 @@
-"""Moved: the fault trials are :mod:`spar.tools.fault_trials`."""
+"""Moved: the fault trials are :mod:`spar.tools.fault_trials` (the table of old spellings is
+:data:`spar.deprecations.DEPRECATIONS`)."""
 
-raise ImportError("spar.fault_trials moved to spar.tools.fault_trials")
+from .deprecations import moved_module_error
+
+raise moved_module_error(__name__)

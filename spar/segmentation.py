@@ -14,6 +14,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 from .config import SettingError, renamed_arguments
+from .deprecations import attribute_deprecation
 from .imaging import to_model_input
 from .models.base import check_images
 from .utils import module_device
@@ -276,7 +277,7 @@ class OpenVocabSegmenter(nn.Module):
             Both stages need ``dense`` to carry ``mean``/``std`` (its input normalisation).
     """
 
-    @renamed_arguments(features="dense")
+    @renamed_arguments()
     def __init__(
         self,
         dense: DenseFeatures,
@@ -462,10 +463,8 @@ class OpenVocabSegmenter(nn.Module):
 
     def logits(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Renamed :meth:`class_probabilities` (it returns probabilities, not logits)."""
-        raise AttributeError(
-            "OpenVocabSegmenter.logits was renamed class_probabilities (it returns per-class "
-            "probabilities; name_logits gives the scaled cosines)"
-        )
+        entry = attribute_deprecation(f"{__name__}.OpenVocabSegmenter", "logits")
+        raise AttributeError(entry.message())
 
     @torch.no_grad()
     def predict(

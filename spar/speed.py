@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from spar.config import reject_renamed_overrides, report_user_errors
+from spar.deprecations import module_getattr
 from spar.distributed import register_run_id_resolver
 from spar.io import atomic_write_bytes, atomic_write_json
 from spar.models import create_backbone
@@ -89,15 +90,10 @@ def main() -> None:
     speed()
 
 
-def __getattr__(name: str):
-    """``from spar.speed import measure_speed`` (the library before 0.2): an ImportError naming the
-    new home, :mod:`spar.tools.speed` (``time_call``: :mod:`spar.timing`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    home = "spar.timing" if name in ("time_call", "synchronize") else "spar.tools.speed"
-    raise ImportError(
-        f"spar.speed.{name} moved to {home}.{name} (spar.speed is the spar-speed command)"
-    )
+#: ``from spar.speed import measure_speed`` (the library before 0.2): an ImportError naming the
+#: new home, :mod:`spar.tools.speed` (``time_call``: :mod:`spar.timing`); the table is
+#: :data:`spar.deprecations.DEPRECATIONS`.
+__getattr__ = module_getattr(__name__)
 
 
 if __name__ == "__main__":

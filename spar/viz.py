@@ -207,7 +207,7 @@ def segmentation_picture(
 
 
 @torch.no_grad()
-@renamed_arguments(teacher="dense")
+@renamed_arguments()
 def feature_picture(
     backbone: nn.Module,
     image: ImageInput,

@@ -341,7 +341,7 @@ def test_real_backbone_and_teacher_end_to_end(tiny_backbone, use_teacher):
 
 def test_renamed_names_give_their_new_spelling():
     seg = segmenter([["sky"]])
-    with pytest.raises(AttributeError, match="logits was renamed class_probabilities"):
+    with pytest.raises(AttributeError, match="logits is now class_probabilities"):
         seg.logits(images_for([["sky"]]))
     with pytest.raises(TypeError, match="features= is now dense"):
         OpenVocabSegmenter(

@@ -1,5 +1,6 @@
 """Distillation of the sliding-window teacher into the single-pass student."""
 
+from ..deprecations import module_getattr
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
 from .buckets import SizeBucketBatchSampler, bucket_batches, epoch_order
 from .cache import TeacherFeatureCache, entry_key, teacher_identity, weights_digest
@@ -68,15 +69,6 @@ __all__ = [
     "weights_digest",
 ]
 
-# Names that were renamed; importing one raises an error that names the new spelling.
-_RENAMED = {
-    "fill_teacher_cache": "TeacherTargets(teacher, root, cache=...).fill(views, context)",
-}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        # ImportError rather than AttributeError, so that `from spar.distill import ...` keeps
-        # the message instead of Python's generic "cannot import name".
-        raise ImportError(f"spar.distill.{name} is now {_RENAMED[name]}")
-    raise AttributeError(f"module 'spar.distill' has no attribute {name!r}")
+#: ``from spar.distill import fill_teacher_cache`` (renamed): an ImportError naming the new
+#: spelling (:data:`spar.deprecations.DEPRECATIONS`).
+__getattr__ = module_getattr(__name__)

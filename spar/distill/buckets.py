@@ -16,21 +16,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from torch.utils.data import Sampler
+
+from ..deprecations import module_getattr
+from ..imaging import image_size as _header_size  # not `image_size`: its old name here
 
 if TYPE_CHECKING:
     from .data import DistillationViews
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(H, W) from the file header without decoding the pixels; ``None`` if unreadable."""
+def image_size_or_none(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) from the file header without decoding the pixels (:func:`spar.imaging.image_size`),
+    or ``None`` where that raises: a missing, unreadable or too large image is reported when its
+    view is loaded, and meanwhile sits in a batch of its own."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001 - unreadable images are reported when the view is loaded
+        return _header_size(path)
+    except Exception:  # noqa: BLE001 - reported, with its reason, when the view is loaded
         return None
-    return height, width
+
+
+#: ``spar.distill.buckets.image_size`` (renamed): an ImportError naming the new spelling.
+__getattr__ = module_getattr(__name__)
 
 
 def epoch_order(
@@ -107,7 +113,7 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         sizes: list[tuple[int, int] | None] = [None] * len(self.views)
         if self.batch_size > 1:
             if self._source_sizes is None:
-                self._source_sizes = [image_size(path) for path in self.views.paths]
+                self._source_sizes = [image_size_or_none(path) for path in self.views.paths]
             sizes = [
                 self.views.view_size(index, self._source_sizes, epoch)
                 for index in range(len(self.views))

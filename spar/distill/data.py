@@ -89,11 +89,7 @@ class DistillationViews(Dataset):
             the data-loading workers); :meth:`without_targets` gives the views without it.
     """
 
-    @renamed_arguments(
-        cache="targets=TeacherTargets(teacher, root, cache=...)",
-        teacher_identity="targets=TeacherTargets(...) (it holds the teacher identity)",
-        load_targets="read_targets",
-    )
+    @renamed_arguments()
     def __init__(
         self,
         paths: Sequence[Path],

@@ -97,10 +97,7 @@ class RunLog:
     repeated. A line cut short by a kill is dropped when the log is opened.
     """
 
-    @renamed_arguments(
-        tensorboard="the hook spar.distill.hooks.TensorBoardHook(out_dir) "
-        "(Distiller(..., settings=TrainerSettings(tensorboard=True)) registers it)"
-    )
+    @renamed_arguments()
     def __init__(self, out_dir: str | Path, *, enabled: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled

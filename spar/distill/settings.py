@@ -15,14 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import SettingError, require, require_bool, require_int
+from ..config import SettingError, is_int_not_bool, require, require_bool, require_int
 from ..utils import PRECISIONS
 
 SCHEDULES = ("constant", "cosine")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -186,7 +182,7 @@ def _check_heldout(heldout: dict[str, Any]) -> None:
     pair_ok = isinstance(sizes, list | tuple) and all(
         isinstance(size, list | tuple)
         and len(size) == 2
-        and all(_is_int(s) and s > 0 for s in size)
+        and all(is_int_not_bool(s) and s > 0 for s in size)
         for size in sizes
     )
     require(pair_ok, "heldout.sizes", sizes, "a list of [long, short] pairs of positive integers")

@@ -107,10 +107,7 @@ class Distiller(TrainLoop):
     ``heldout_results``, ``log``, ``context``, ``optimization``, ``progress``, ``settings``.
     """
 
-    @renamed_arguments(
-        teacher="targets=TeacherTargets(teacher, root, cache=...)",
-        cache="targets=TeacherTargets(teacher, root, cache=...)",
-    )
+    @renamed_arguments()
     def __init__(
         self,
         student: nn.Module,

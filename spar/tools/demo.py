@@ -44,11 +44,7 @@ def _timed(function, images: torch.Tensor) -> tuple[torch.Tensor, float]:
     return output, time.perf_counter() - start
 
 
-@renamed_arguments(
-    stride="teacher=build_teacher(backbone, {'stride': ...})",
-    window="teacher=build_teacher(backbone, {'window': ...})",
-    teacher_batch_size="teacher=build_teacher(backbone, {'batch_size': ...})",
-)
+@renamed_arguments()
 def compare_teacher_student(
     backbone: torch.nn.Module,
     image_paths: Sequence[str | Path],

@@ -281,11 +281,7 @@ def _sweep_at(size: tuple, stride_sweep: Sequence[int], train_size: tuple, strid
     return strides
 
 
-@renamed_arguments(
-    strides="stride_sweep",
-    window_batch="teacher={'batch_size': ...}",
-    compile_student="compile",
-)
+@renamed_arguments()
 def measure_speed(
     backbone: nn.Module,
     device: torch.device,
