@@ -104,8 +104,9 @@ def segment_folder(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     stages = {group: OmegaConf.to_container(cfg[group]) for group in ("refine", "upsample")}
     check_stage_settings(stages.get("refine"), stages.get("upsample"))
-    images, _ = images_under(cfg.image)  # no image: one line, before the model is built
-    out_dir = check_output_folder(cfg.output if cfg.output else run_dir / "segmentation")
+    out_dir = Path(cfg.output) if cfg.output else run_dir / "segmentation"
+    images, _ = images_under(cfg.image, out_dir)  # no image: one line, before the model is built
+    check_output_folder(out_dir)
     set_max_image_pixels(cfg.max_image_pixels)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
     backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint, compile=cfg.compile)

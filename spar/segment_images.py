@@ -117,13 +117,26 @@ def check_output_folder(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def images_under(path: str | Path) -> tuple[list[Path], Path]:
+def images_under(path: str | Path, out_dir: str | Path | None = None) -> tuple[list[Path], Path]:
     """(images, root): every image under the folder ``path`` (recursive, sorted) and the folder,
-    or ``([path], path.parent)`` for one image file.
+    or ``([path], path.parent)`` for one image file. The PNGs this module wrote under
+    ``out_dir`` (which may lie inside ``path``) are not images to segment.
 
     Raises ``FileNotFoundError`` naming ``path`` when it does not exist or holds no image."""
     path = Path(path)
-    return list_images(path), (path if path.is_dir() else path.parent)
+    root = path if path.is_dir() else path.parent
+    images = list_images(path)
+    if out_dir is not None and path.is_dir():
+        out_dir = Path(out_dir).resolve()
+        ours = (OUTPUT_SUFFIXES["classes"], OUTPUT_SUFFIXES["overlay"])
+        images = [
+            image
+            for image in images
+            if not (image.name.endswith(ours) and image.resolve().is_relative_to(out_dir))
+        ]
+        if not images:
+            raise FileNotFoundError(f"no images under {path} but the outputs in {out_dir}")
+    return images, root
 
 
 def _template_key(templates: str | Sequence[Template]) -> Any:
@@ -282,7 +295,7 @@ def segment_path(
     start = time.perf_counter()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SettingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    images, root = images_under(path)
+    images, root = images_under(path, out_dir)
     out_dir = check_output_folder(out_dir)
     fingerprint = segmentation_fingerprint(
         backbone,

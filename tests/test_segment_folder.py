@@ -223,3 +223,11 @@ def test_segment_script_on_a_folder_writes_resumes_and_refuses_other_settings(fo
     changed = [o if not o.startswith("classes=") else "classes=[sky,road,bus]" for o in common]
     lines = failing(*changed, f"hydra.run.dir={tmp_path / 'run2'}")
     assert len(lines) == 1 and lines[0].startswith("error: ") and "classes:" in lines[0]
+
+
+def test_an_output_folder_inside_the_image_folder_is_not_segmented_again(folder, tiny_backbone):
+    out = folder / "segmented"
+    first = _segment(tiny_backbone, folder, out)
+    second = _segment(tiny_backbone, folder, out)
+    assert (first.written, second.written, second.skipped) == (5, 0, 5)
+    assert not list(out.rglob("*.classes.png.*"))  # no output of an output
