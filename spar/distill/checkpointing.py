@@ -71,6 +71,16 @@ def check_resumable(path: str | Path) -> None:
     _read_state(resolve_resume_paths(path)[1])
 
 
+def read_recorded_provenance(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(state file, the fingerprint its run recorded) of ``resume=path``; the fingerprint is
+    ``None`` for a state written before fingerprints were recorded (see
+    ``spar.distill.fingerprint``)."""
+    state_path = resolve_resume_paths(path)[1]
+    extra = _read_state(state_path).get("extra")
+    fingerprint = extra.get("fingerprint") if isinstance(extra, dict) else None
+    return state_path, fingerprint
+
+
 def save_training_checkpoint(
     directory: Path,
     student: nn.Module,
