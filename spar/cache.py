@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distill import fill_cache, fill_heldout_cache, prepare
+from spar.distill.run_log import require_writable_folder
 from spar.distributed import distributed_job, register_run_id_resolver
 from spar.io import atomic_write_json
 from spar.utils import configure_matmul_precision
@@ -26,12 +27,13 @@ def cache_teacher(cfg: DictConfig) -> None:
     """Fill the cache ``cfg`` (``spar/configs/cache_teacher.yaml``) names; write the counts to
     ``cache_summary.json`` in the run folder and print them (rank 0)."""
     configure_matmul_precision(cfg.tf32)
+    out_dir = HydraConfig.get().runtime.output_dir
+    require_writable_folder(out_dir, "the run folder")  # cache_summary.json goes there
     with distributed_job():
         setup = prepare(cfg)
         stats = fill_cache(setup)
         stats["heldout_unreadable"] = fill_heldout_cache(setup)
     if setup.context.is_main:
-        out_dir = HydraConfig.get().runtime.output_dir
         stats["cache_dir"] = str(setup.targets.cache.root)
         atomic_write_json(f"{out_dir}/cache_summary.json", stats)
         print(

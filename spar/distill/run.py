@@ -18,19 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-from ..config import RENAMED_SETTINGS, check_renamed
+from ..config import RENAMED_SETTINGS, SettingError, check_renamed
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, list_images, set_max_image_pixels
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
 from ..models import build_teacher, create_backbone
 from ..models.compiling import compile_report
-from ..utils import autocast_for
+from ..provenance import file_digest, same_folder, weights_digest
+from ..utils import autocast_dtype, autocast_for
 from .augment import AugmentationRecipe
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, ImageSplit, split_images
+from .fingerprint import check_resume, check_resume_allow, training_fingerprint
 from .heldout import HeldoutSet, build_heldout_sets
 from .loop import HookBase
-from .run_log import RunFolder
+from .run_log import RunFolder, require_writable_folder
 from .settings import OptimSettings, TrainerSettings, check_training_config
 from .targets import TeacherTargets
 from .trainer import Distiller
@@ -60,6 +62,8 @@ class DistillationSetup:
     views: DistillationViews
     optim: OptimSettings
     trainer: TrainerSettings
+    fingerprint: dict[str, Any]  # what the run is made from (spar.distill.fingerprint)
+    resume_changes: dict[str, tuple[Any, Any]]  # key -> (old, new) that resume_allow let through
 
 
 def image_root(data: dict[str, Any]) -> Path:
@@ -71,30 +75,91 @@ def image_root(data: dict[str, Any]) -> Path:
     return Path(data["root"]).expanduser()
 
 
+def _split(config: dict[str, Any], root: Path) -> tuple[ImageSplit, Path]:
+    """The training and held-out images, and the held-out folder; a ``heldout.root`` whose
+    images are training images too (the same folder, or the same files) is refused."""
+    data, heldout_cfg = config["train_images"], config["heldout"]
+    if not heldout_cfg.get("root"):
+        paths = list_images(root)
+        return split_images(paths, heldout_cfg["num_images"], data.get("max_images")), root
+    heldout_root = Path(heldout_cfg["root"]).expanduser()
+    if same_folder(heldout_root, root):
+        raise SettingError(
+            f"heldout.root {heldout_root} is the training folder (train_images.root {root}): "
+            "held-out images would be trained on; leave heldout.root null (the last "
+            "heldout.num_images images are held out) or name a folder of other images"
+        )
+    heldout_paths = list_images(heldout_root)[: heldout_cfg["num_images"]]
+    split = ImageSplit(list_images(root)[: data.get("max_images")], heldout_paths)
+    shared = _shared_files(split.heldout, split.train)
+    if shared:
+        names = ", ".join(str(path) for path in shared[:3]) + (", ..." if len(shared) > 3 else "")
+        raise SettingError(
+            f"heldout.root {heldout_root}: {len(shared)} held-out image(s) are also training "
+            f"images of train_images.root {root} (the same file or the same bytes): {names}"
+        )
+    return split, heldout_root
+
+
+def _shared_files(heldout: list[Path], train: list[Path]) -> list[Path]:
+    """The held-out files that are training files too: the same file (device and inode: links,
+    overlapping folders) or a byte-identical copy (compared by digest only where sizes match)."""
+    by_size: dict[int, list[Path]] = {}
+    inodes = set()
+    for path in train:
+        stat = path.stat()
+        inodes.add((stat.st_dev, stat.st_ino))
+        by_size.setdefault(stat.st_size, []).append(path)
+    shared = []
+    for path in heldout:
+        stat = path.stat()
+        same_size = by_size.get(stat.st_size, [])
+        if (stat.st_dev, stat.st_ino) in inodes or (
+            same_size and file_digest(path) in {file_digest(other) for other in same_size}
+        ):
+            shared.append(path)
+    return shared
+
+
 def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -> DistillationSetup:
     """Build student, frozen teacher and its targets, split and views from a ``train.yaml``
     config. Every setting is checked here (``check_training_config``: old spellings, bad
-    values, a ``resume`` path that cannot be resumed), before any long work."""
+    values, a ``resume`` path that cannot be resumed), before any long work: the split (a
+    ``heldout.root`` overlapping the training images is refused) and a writable
+    ``teacher.cache_dir`` before any model is built, and, with ``resume``, the fingerprint the
+    checkpoint recorded against this run's (``spar.distill.fingerprint.check_resume``;
+    ``resume_allow`` lists the keys that may differ)."""
     config = _plain(cfg)
     check_renamed(config, RENAMED_SETTINGS["train"], "prepare")
     optim, trainer = check_training_config(config)
+    resume_allow = check_resume_allow(config)
     set_max_image_pixels(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     teacher_cfg, data = config["teacher"], config["train_images"]
     cached = teacher_cfg.get("cache", True)
+    if cached:
+        require_writable_folder(teacher_cfg["cache_dir"], "teacher.cache_dir")
+    root = image_root(data)
+    split, heldout_root = _split(config, root)
     context = context or init_distributed(config.get("device", "auto"))
 
     student = create_backbone(**config["backbone"], compile=config.get("compile", False))
+    base_weights = weights_digest(student)  # before any training step changes them
     frozen = copy.deepcopy(student).requires_grad_(False).eval().to(context.device)
     # The frozen copy serves only the teacher: a low precision converts it in place.
     teacher = build_teacher(frozen, teacher_cfg, trainer.precision, copy_backbone=False)
-
-    root = image_root(data)
-    heldout_cfg = config["heldout"]
-    if heldout_cfg.get("root"):
-        heldout_paths = list_images(heldout_cfg["root"])[: heldout_cfg["num_images"]]
-        split = ImageSplit(list_images(root)[: data.get("max_images")], heldout_paths)
-    else:
-        split = split_images(list_images(root), heldout_cfg["num_images"], data.get("max_images"))
+    precision = autocast_dtype(trainer.precision, context.device)
+    fingerprint = training_fingerprint(
+        config,
+        weights=base_weights,
+        teacher=teacher,
+        precision=str(precision or "float32").removeprefix("torch."),
+        split=split,
+        root=root,
+        heldout_root=heldout_root,
+    )
+    changes = {}
+    if config.get("resume") is not None:
+        changes = check_resume(config["resume"], fingerprint, resume_allow)
 
     targets = TeacherTargets(
         teacher,
@@ -114,7 +179,9 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
         fixed_views=cached,
         targets=targets if cached else None,
     )
-    return DistillationSetup(config, context, student, targets, split, root, views, optim, trainer)
+    return DistillationSetup(
+        config, context, student, targets, split, root, views, optim, trainer, fingerprint, changes
+    )
 
 
 def _require_cache(setup: DistillationSetup) -> None:
@@ -157,7 +224,9 @@ def run_distillation(
     added to the training loop's (``Distiller(..., hooks=...)``, see ``spar.distill.hooks``).
 
     ``out_dir`` must not hold another run unless ``resume`` points into it (the run then
-    continues there); rank 0 holds a lock on it for the whole run (``RunFolder``)."""
+    continues there); rank 0 holds a lock on it for the whole run (``RunFolder``). A folder
+    that cannot be written is refused before anything is built."""
+    require_writable_folder(out_dir, "the run folder")
     setup = prepare(cfg)
     config, context = setup.config, setup.context
     # Rank 0 is the one writer of the run folder: refuse one that holds another run (unless
@@ -190,8 +259,9 @@ def _distil(
         run_info=config,
         skipped_files=(cache_stats or {}).get("skipped_files", []),
         hooks=hooks,
+        fingerprint=setup.fingerprint,
     )
-    summary = distiller.fit(resume=config.get("resume"))
+    summary = distiller.fit(resume=config.get("resume"), changes=setup.resume_changes)
     summary["train_images"] = len(setup.split.train)
     summary["train_views"] = len(setup.views)
     summary["heldout_images"] = len(setup.split.heldout)

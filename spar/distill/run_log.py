@@ -4,11 +4,12 @@ the claim on a run folder that makes its one process the only writer."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import renamed_arguments
+from ..config import SettingError, renamed_arguments
 from ..io import (
     append_json_line,
     atomic_write_bytes,
@@ -23,6 +24,32 @@ LOCK_FILE = ".run.lock"
 
 class RunFolderError(RuntimeError):
     """A run folder holds another run, or another process writes into it."""
+
+
+def require_writable_folder(path: str | Path, what: str) -> None:
+    """Fail now, in one line naming ``what`` and ``path``, unless files can be written in the
+    folder ``path`` (or, while it does not exist yet, created under its nearest existing
+    parent). The test is a real one: a probe file is created there and removed (a mode check
+    alone misleads, e.g. root ignores modes but not a read-only mount).
+
+    Raises:
+        SettingError: the folder (or the parent it would be created in) is not a folder or
+            cannot be written.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingError(f"{what} {path} cannot be a folder: {existing} is not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".spar-write-probe-", dir=existing)
+    except OSError as error:
+        raise SettingError(
+            f"{what} {path} is not writable ({error.strerror or error} in {existing})"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 class RunFolder:

@@ -18,7 +18,7 @@ import contextlib
 import math
 import random
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,8 @@ class Distiller(TrainLoop):
         context: rank, world size and device (``spar.distributed.init_distributed``).
         run_info: JSON-serialisable description (the resolved config) stored in checkpoints
             and in the summary.
+        fingerprint: what the run is made from (``spar.distill.fingerprint``), stored in every
+            checkpoint with the settings changes that resumes made (``changes``).
         skipped_files: images already found unreadable (e.g. while filling the cache).
         hooks: more hooks (:class:`~spar.distill.loop.HookBase`), called after the defaults.
 
@@ -121,6 +123,7 @@ class Distiller(TrainLoop):
         run_info: dict[str, Any] | None = None,
         skipped_files: Sequence[str] = (),
         hooks: Sequence[HookBase] = (),
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.context = context or DistributedContext()
@@ -132,6 +135,10 @@ class Distiller(TrainLoop):
         self.heldout = list(heldout)
         self.settings = settings
         self.run_info = run_info or {}
+        self.optim = optim
+        self.fingerprint = fingerprint
+        # Settings that resumes changed (resume_allow): {key, old, new, step}, oldest first.
+        self.changes: list[dict[str, Any]] = []
         self.sampler = SizeBucketBatchSampler(
             views, settings.batch_size, settings.seed, self.context.rank, self.context.world_size
         )
@@ -255,6 +262,8 @@ class Distiller(TrainLoop):
                 "epoch": self.state.epoch,
                 "run": self.run_info,
                 "heldout": heldout or {},
+                "fingerprint": self.fingerprint,
+                "changes": self.changes,
             }
             training_state = {
                 "state": asdict(self.state),
@@ -267,9 +276,20 @@ class Distiller(TrainLoop):
             )
         self.context.barrier()
 
-    def resume(self, path: str | Path) -> None:
+    def resume(
+        self, path: str | Path, changes: Mapping[str, tuple[Any, Any]] | None = None
+    ) -> None:
         """Restore weights, optimizer, scheduler, loss scaler, counters and RNGs from a run
-        (see ``spar.distill.checkpointing.resume_training``)."""
+        (see ``spar.distill.checkpointing.resume_training``).
+
+        The optimizer's hyperparameters (learning rate, betas, weight decay) and the
+        scheduler's base rates are then set from this run's ``optim`` settings, not kept from
+        the saved state: a resumed run trains with the settings it records. ``changes``
+        (``key -> (old, new)``, the differences ``resume_allow`` let through, see
+        ``spar.distill.fingerprint.check_resume``) are added to :attr:`changes` with the step
+        they took effect at (the optimizer steps done before them), written to the log as a
+        ``resume_changes`` record and stored in every later checkpoint.
+        """
         saved = resume_training(path, self.student)
         if saved["total_steps"] != self.optimization.total_steps:
             warnings.warn(
@@ -281,16 +301,53 @@ class Distiller(TrainLoop):
         self.state = TrainingState(**saved["state"])
         self.state.skipped_files = sorted(set(self.state.skipped_files) | set(known_skipped))
         self.optimization.load_state_dict(saved)
+        self._use_optim_settings()
         self.log.rewind(saved.get("log_records"))  # drop records written after the checkpoint
+        extra = saved.get("extra") if isinstance(saved.get("extra"), dict) else {}
+        self.changes = [dict(change) for change in extra.get("changes") or []]
+        new = [
+            {"key": key, "old": old, "new": value, "step": self.state.step}
+            for key, (old, value) in (changes or {}).items()
+        ]
+        if new:
+            self.changes += new
+            self.log.write({"event": "resume_changes", "step": self.state.step, "changes": new})
+            described = "; ".join(f"{c['key']}: {c['old']} -> {c['new']}" for c in new)
+            warnings.warn(
+                f"resuming {path} at step {self.state.step} with changed settings "
+                f"(resume_allow): {described}",
+                stacklevel=2,
+            )
+
+    def _use_optim_settings(self) -> None:
+        """Set the loaded optimizer's hyperparameters and the scheduler's base rates from
+        ``self.optim``: ``load_state_dict`` brings back the saved ones, which would silently
+        win over a changed setting. The current rate is the scheduler's formula
+        (base rate x factor at its step), so an unchanged rate comes back bitwise equal."""
+        optimizer = self.optimization.optimizer
+        scheduler = self.optimization.scheduler
+        for group in optimizer.param_groups:
+            group["initial_lr"] = self.optim.lr
+            group["weight_decay"] = self.optim.weight_decay
+            group["betas"] = tuple(self.optim.betas)
+        scheduler.base_lrs = [self.optim.lr for _ in optimizer.param_groups]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = self.optim.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
-        """Train, evaluate, checkpoint; returns the summary (see :meth:`summary`)."""
+    def fit(
+        self,
+        resume: str | Path | None = None,
+        changes: Mapping[str, tuple[Any, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Train, evaluate, checkpoint; returns the summary (see :meth:`summary`). ``resume``
+        and ``changes``: see :meth:`resume`."""
         seed_everything(self.settings.seed)
         self.resumed = resume is not None
         if resume is not None:
-            self.resume(resume)
+            self.resume(resume, changes)
         images_at_start = self.state.images_seen
         stopped_early = self.train()
         images = (self.state.images_seen - images_at_start) * self.context.world_size
@@ -388,4 +445,5 @@ class Distiller(TrainLoop):
             "world_size": self.context.world_size,
             "precision": str(dtype).replace("torch.", "") if dtype else "float32",
             "run": self.run_info,
+            "changes": self.changes,
         }
