@@ -92,7 +92,8 @@ def test_any_resolution_gives_the_patch_grid(tiny_backbones, name, size):
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
         features = backbone(images)
-    grid = (math.ceil(size[0] / 16), math.ceil(size[1] / 16))
+    patch = backbone.patch_size
+    grid = (math.ceil(size[0] / patch), math.ceil(size[1] / patch))
     assert features.shape == (2, backbone.embed_dim, *grid)
     assert torch.isfinite(features).all()
 
@@ -105,10 +106,12 @@ def test_sizes_off_the_patch_multiple_follow_the_backbones_patch_fit(tiny_backbo
     models/model_dinov3txt.py)."""
     backbone = tiny_backbones(name)
     images = torch.randn(1, 3, 100, 150)
+    # 112x160 on the 16-px grid, 112x154 on the 14-px grid (clip-tiny-p14).
+    fitted_size = {16: (112, 160), 14: (112, 154)}[backbone.patch_size]
     if backbone.patch_fit == "stretch":
-        fitted = F.interpolate(images, size=(112, 160), mode="bicubic", align_corners=False)
+        fitted = F.interpolate(images, size=fitted_size, mode="bicubic", align_corners=False)
     else:
-        fitted = F.pad(images, (0, 10, 0, 12))
+        fitted = F.pad(images, (0, fitted_size[1] - 150, 0, fitted_size[0] - 100))
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), backbone(fitted), rtol=0, atol=0)
     expected = {"tiny": "truncate", "siglip2-tiny": "pad", "dinov3txt-tiny": "stretch"}

@@ -97,7 +97,15 @@ def teacher_identity(teacher: nn.Module, name: str | None = None) -> dict[str, A
         "stride": list(teacher.stride),
         "patch_size": teacher.patch_size,
         "embed_dim": teacher.embed_dim,
+        # A non-default dense head (clip/maskclip dense_head=sclip|clearclip|naclip) changes the
+        # maps from the same weights; the default adds no key, so existing entries stay valid.
+        **_dense_head_key(teacher.backbone),
     }
+
+
+def _dense_head_key(backbone: nn.Module) -> dict[str, str]:
+    head = getattr(backbone, "dense_head", None)
+    return {"dense_head": head} if head not in (None, "maskclip") else {}
 
 
 def image_identity(path: str | Path, root: str | Path) -> dict[str, Any]:

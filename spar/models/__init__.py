@@ -1,6 +1,6 @@
 """Dense backbones behind one registry, and the sliding-window teacher."""
 
-from . import dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
+from . import clip, dinov3txt, maskclip, siglip2  # noqa: F401 - importing registers the families
 from .base import DenseBackbone, check_images, pad_to_patch_multiple, resolve_trainable_blocks
 from .compiling import compile_backbone, compile_report
 from .pretrained import from_pretrained, save_pretrained

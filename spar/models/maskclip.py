@@ -5,6 +5,9 @@ projection; no query-key mixing), keeping the block's residual connections and M
 ``ln_post`` and ``proj`` map every patch token into the joint space and the class token is
 dropped. Position embeddings are resampled by scale factor (DINO convention). Every block runs
 batch-first on contiguous tokens (see :func:`batch_first_attention`).
+
+``dense_head=`` swaps the last block for a published training-free head (``sclip``,
+``clearclip``, ``naclip``: :mod:`spar.models.dense_heads`); ``maskclip`` is the default.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from .base import Tokenizer
+from .base import Tokenizer, TrainableBlocks
+from .dense_heads import (
+    check_dense_head,
+    check_head_block,
+    head_block,
+    naclip_bias,
+    unused_last_block_modules,
+)
 from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
 from .pos_embed import ResampledPositions, resample_pos_embed_by_scale
 from .registry import BackboneConfig, register_backbone
@@ -109,17 +119,23 @@ def check_self_attention_blocks(blocks: nn.ModuleList) -> None:
 
 
 class MaskClipBackbone(OpenClipBackbone):
-    """open_clip ``CLIP`` with a ``VisionTransformer`` tower, dense features MaskCLIP-style."""
+    """open_clip ``CLIP`` with a ``VisionTransformer`` tower, dense features from its last block
+    run as ``dense_head`` says (default ``"maskclip"``: the value path)."""
 
     # naomikombol/SPAR models/model_open_clip.py (forward): the stride-16 conv1 drops an
     # image's last partial patch row/column.
     patch_fit = "truncate"
 
-    def __init__(self, model: nn.Module, config: BackboneConfig, **kwargs) -> None:
+    def __init__(
+        self, model: nn.Module, config: BackboneConfig, dense_head: str = "maskclip", **kwargs
+    ) -> None:
         visual = model.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise TypeError(f"MaskCLIP needs an open_clip VisionTransformer, got {type(visual)}")
+        if visual.attn_pool is not None:
+            raise TypeError("MaskCLIP needs a class-token ViT without an attentional pooler")
         check_self_attention_blocks(visual.transformer.resblocks)
+        check_head_block(check_dense_head(dense_head), visual.transformer.resblocks[-1])
         super().__init__(
             model,
             config,
@@ -128,39 +144,60 @@ class MaskClipBackbone(OpenClipBackbone):
             **kwargs,
         )
         self.positions = ResampledPositions(resample_pos_embed_by_scale, num_prefix_tokens=1)
+        self.dense_head = dense_head
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.visual.transformer.resblocks
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 3, H, W), H and W multiples of p -> ((B, 1 + H/p * W/p, D) tokens after
-        ``ln_pre``,)."""
+        ``ln_pre``,), and for ``naclip`` its (1 + N, 1 + N) neighbourhood bias."""
         visual = self.model.visual
         x = visual.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         pos = self.positions(visual.positional_embedding, visual.grid_size, grid, x.dtype)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return (visual.ln_pre(torch.cat([cls, x], dim=1) + pos),)
+        tokens = visual.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        if self.dense_head == "naclip":
+            return tokens, naclip_bias(grid, device=tokens.device)
+        return (tokens,)
 
-    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + N, D) -> (B, N, C): the blocks, the last one value-path (MaskCLIP)."""
+    def run_blocks(self, tokens: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + N, D) -> (B, N, C): the blocks, the last one as the dense head says
+        (``maskclip``: value path), then ``ln_post`` and ``proj`` on the patch tokens."""
         visual = self.model.visual
         x = tokens
         for block in self.blocks[:-1]:
             x = residual_block(block, x, batch_first_attention)
-        x = maskclip_block(self.blocks[-1], x)
+        if self.dense_head == "maskclip":
+            x = maskclip_block(self.blocks[-1], x)
+        else:
+            x = head_block(self.dense_head, self.blocks[-1], x, bias)
         return visual.ln_post(x[:, 1:]) @ visual.proj
+
+    def set_trainable_blocks(self, spec: TrainableBlocks) -> list[int]:
+        """As :meth:`DenseBackbone.set_trainable_blocks`; the last block's modules that the dense
+        head never runs (``ln_2`` and the MLP under ``clearclip`` and ``naclip``) stay frozen."""
+        indices = super().set_trainable_blocks(spec)
+        for module in unused_last_block_modules(self.dense_head, self.blocks[-1]):
+            module.requires_grad_(False)
+        return indices
 
 
 def _clip_backbone(
-    model: nn.Module, config: BackboneConfig, tokenizer: Tokenizer | None, fused_attention: bool
+    model: nn.Module,
+    config: BackboneConfig,
+    tokenizer: Tokenizer | None,
+    fused_attention: bool,
+    dense_head: str = "maskclip",
 ) -> MaskClipBackbone:
     """Wrap a CLIP model; every CLIP here uses the (offline) ``ViT-B-16`` tokenizer."""
     return MaskClipBackbone(
         model,
         config,
+        dense_head=dense_head,
         tokenizer=tokenizer,
         tokenizer_name="ViT-B-16",
         fused_attention=fused_attention,
@@ -172,9 +209,11 @@ def maskclip(
     pretrained: str | None,
     tokenizer: Tokenizer | None = None,
     fused_attention: bool = True,
+    dense_head: str = "maskclip",
 ) -> MaskClipBackbone:
+    check_dense_head(dense_head)
     model = create_open_clip_model(config.architecture, pretrained)
-    return _clip_backbone(model, config, tokenizer, fused_attention)
+    return _clip_backbone(model, config, tokenizer, fused_attention, dense_head)
 
 
 def tiny_clip_config(width: int, depth: int, embed_dim: int, image_size: int) -> dict:
@@ -200,11 +239,13 @@ def tiny(
     embed_dim: int = 64,
     seed: int = 0,
     fused_attention: bool = True,
+    dense_head: str = "maskclip",
 ) -> MaskClipBackbone:
     """Random weights drawn from ``seed``, so two calls give the same model."""
+    check_dense_head(dense_head)
     kwargs = tiny_clip_config(width, depth, embed_dim, config.native_size)
     model = create_open_clip_model(None, pretrained, build=seeded(open_clip.CLIP, seed, **kwargs))
-    return _clip_backbone(model, config, tokenizer, fused_attention)
+    return _clip_backbone(model, config, tokenizer, fused_attention, dense_head)
 
 
 register_backbone("maskclip", maskclip, MASKCLIP)

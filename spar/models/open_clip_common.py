@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import warnings
@@ -19,6 +20,7 @@ from open_clip.pretrained import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config import SettingError
 from .base import DenseBackbone, Tokenizer
 from .registry import BackboneConfig
 from .weights import WeightLoadingError, load_state_dict_strict, looks_like_path, read_state_dict
@@ -62,7 +64,10 @@ def check_hub_reachable(what: str) -> None:
 
 
 def create_open_clip_model(
-    model_name: str | None, pretrained: str | None, build: Callable[[], nn.Module] | None = None
+    model_name: str | None,
+    pretrained: str | None,
+    build: Callable[[], nn.Module] | None = None,
+    quick_gelu: bool = False,
 ) -> nn.Module:
     """Build an open_clip model and fill it according to ``pretrained``.
 
@@ -77,6 +82,7 @@ def create_open_clip_model(
             safetensors file with open_clip parameter names.
         build: builds the randomly initialised architecture; defaults to
             ``open_clip.create_model(model_name)``.
+        quick_gelu: ``build`` makes a QuickGELU model (no warning for a QuickGELU tag).
     """
     if build is None and model_name is None:
         raise ValueError("create_open_clip_model needs a model_name or a build function")
@@ -90,19 +96,20 @@ def create_open_clip_model(
     elif looks_like_path(pretrained):
         raise WeightLoadingError(f"pretrained weight file not found: {pretrained}")
     else:
-        path = download_tag(model_name, pretrained)
+        path = download_tag(model_name, pretrained, quick_gelu)
     state = read_state_dict(path)  # before building: an unreadable file fails fast
     model = build()
     load_state_dict_strict(model, state, source=str(path))
     return model
 
 
-def download_tag(model_name: str | None, tag: str) -> str:
+def download_tag(model_name: str | None, tag: str, quick_gelu: bool = False) -> str:
     """Fetch the weight file of open_clip's pretrained ``tag`` of ``model_name``; its local path.
 
     An unknown tag raises ``ValueError`` listing the known ones. Like ``open_clip.create_model``,
     this warns when the tag was trained with QuickGELU (``openai``, ``dfn2b``, ``metaclip_*``):
-    the model is built as open_clip builds it for ``model_name``, with GELU.
+    the model is built as open_clip builds it for ``model_name``, with GELU, unless
+    ``quick_gelu`` says the caller built it with QuickGELU.
     """
     tags = open_clip.list_pretrained_tags_by_model(model_name) if model_name else []
     if tag not in tags:
@@ -112,7 +119,7 @@ def download_tag(model_name: str | None, tag: str) -> str:
             "weight file"
         )
     cfg = get_pretrained_cfg(model_name, tag)
-    if cfg.get("quick_gelu", False):
+    if cfg.get("quick_gelu", False) and not quick_gelu:
         warnings.warn(
             f"open_clip tag {tag!r} was trained with QuickGELU; {model_name} uses GELU",
             UserWarning,
@@ -141,6 +148,80 @@ def download_from_hub(hub_id: str) -> str:
         except Exception as error:  # noqa: BLE001 - try the next file name, report all at the end
             errors.append(f"{filename}: {error}")
     raise WeightLoadingError(f"cannot download weights from {hub_id}: " + "; ".join(errors))
+
+
+def open_clip_model_config(architecture: str) -> dict:
+    """open_clip's configuration of ``architecture`` (its JSON file as a dict).
+
+    Raises:
+        SettingError: ``architecture`` is not an open_clip model name.
+    """
+    config = open_clip.get_model_config(architecture)
+    if config is None:
+        raise SettingError(
+            f"backbone.architecture {architecture!r} is not an open_clip model; "
+            "open_clip.list_models() lists them (e.g. ViT-B-16, ViT-L-14, ViT-L-14-336)"
+        )
+    return config
+
+
+def tag_config(architecture: str | None, pretrained: str | None) -> dict:
+    """open_clip's pretrained configuration of tag ``pretrained`` of ``architecture``; ``{}``
+    when ``pretrained`` is not one of its tags (``None``, a file, an ``hf-hub:`` id)."""
+    if architecture is None or pretrained is None:
+        return {}
+    if pretrained not in open_clip.list_pretrained_tags_by_model(architecture):
+        return {}
+    return get_pretrained_cfg(architecture, pretrained)
+
+
+def normalisation(
+    model: nn.Module, architecture: str | None, pretrained: str | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's open_clip configuration: the pretrained tag's; without a tag,
+    the one every tag of ``architecture`` shares; otherwise the model's preprocess config (open_clip
+    fills in OpenAI's values)."""
+    tag = tag_config(architecture, pretrained)
+    if not tag and architecture is not None:
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        pairs = {
+            (tuple(c["mean"]), tuple(c["std"]))
+            for c in (get_pretrained_cfg(architecture, t) for t in tags)
+            if "mean" in c and "std" in c
+        }
+        if len(pairs) == 1:
+            return pairs.pop()
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    mean = tag.get("mean") or preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN
+    std = tag.get("std") or preprocess.get("std") or open_clip.OPENAI_DATASET_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def describe_model(
+    base: BackboneConfig,
+    model: nn.Module,
+    architecture: str | None,
+    pretrained: str | None,
+    *,
+    patch_size: int,
+    embed_dim: int,
+) -> BackboneConfig:
+    """``base`` with what the built open_clip ``model`` says: its native (square) image size,
+    ``patch_size``, ``embed_dim`` and normalisation (:func:`normalisation`)."""
+    size = open_clip.get_model_preprocess_cfg(model).get("size") or model.visual.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        raise TypeError(f"{architecture or 'the model'} has a non-square image size {size}")
+    mean, std = normalisation(model, architecture, pretrained)
+    return dataclasses.replace(
+        base,
+        architecture=architecture,
+        native_size=int(height),
+        patch_size=int(patch_size),
+        embed_dim=int(embed_dim),
+        mean=mean,
+        std=std,
+    )
 
 
 def seeded(build: Callable[..., nn.Module], seed: int, *args, **kwargs) -> Callable[[], nn.Module]:

@@ -4,6 +4,11 @@ Dense features skip the attention-pool query: the patch tokens after the trunk's
 through the pool's value projection and output projection, then the pool's norm + MLP residual
 (exactly what the pool does to its single output token, applied to every patch). Position
 embeddings are resampled to the target grid size, bicubic without antialiasing.
+
+``architecture=`` builds another open_clip SigLIP2 model on the same path (e.g.
+``ViT-SO400M-16-SigLIP2-512``, ``ViT-L-16-SigLIP2-512``); its native size, patch size,
+normalisation and embedding size are then read from the built model and open_clip's
+configuration (:func:`~spar.models.open_clip_common.describe_model`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from open_clip.timm_model import TimmModel
 from timm.layers import AttentionPoolLatent
 from torch import nn
 
+from ..config import SettingError
 from .base import Tokenizer
-from .open_clip_common import OpenClipBackbone, create_open_clip_model, seeded
+from .open_clip_common import (
+    OpenClipBackbone,
+    create_open_clip_model,
+    describe_model,
+    open_clip_model_config,
+    seeded,
+)
 from .pos_embed import ResampledPositions, resample_pos_embed_to_size
 from .registry import BackboneConfig, register_backbone
 
@@ -111,14 +123,46 @@ class SigLIP2Backbone(OpenClipBackbone):
         return self.model.visual.head(map_value_path(trunk.attn_pool, x))
 
 
+def check_siglip2_architecture(architecture: str) -> None:
+    """``SettingError`` unless ``architecture`` is an open_clip model with a timm trunk ending in
+    a MAP (attention-pool) head, as the SigLIP2 models are."""
+    vision = open_clip_model_config(architecture).get("vision_cfg", {})
+    if "timm_model_name" not in vision or vision.get("timm_pool") != "map":
+        raise SettingError(
+            f"backbone.architecture {architecture!r} is not a SigLIP-layout open_clip model (a "
+            "timm trunk with a MAP head), e.g. ViT-SO400M-16-SigLIP2-512 or ViT-L-16-SigLIP2-512"
+        )
+
+
 def siglip2(
     config: BackboneConfig,
     pretrained: str | None,
     tokenizer: Tokenizer | None = None,
     fused_attention: bool = True,
+    architecture: str | None = None,
 ) -> SigLIP2Backbone:
     """The tokenizer, when not given, is SigLIP2's Gemma tokenizer (needs ``transformers`` and a
-    hub download on first use)."""
+    hub download on first use). ``architecture``: another open_clip SigLIP2 model than the
+    default ``ViT-B-16-SigLIP2-512``."""
+    if architecture is not None and architecture != config.architecture:
+        check_siglip2_architecture(architecture)
+        model = create_open_clip_model(architecture, pretrained)
+        trunk = model.visual.trunk
+        config = describe_model(
+            config,
+            model,
+            architecture,
+            pretrained,
+            patch_size=trunk.patch_embed.patch_size[0],
+            embed_dim=trunk.attn_pool.out_features,
+        )
+        return SigLIP2Backbone(
+            model,
+            config,
+            tokenizer=tokenizer,
+            tokenizer_name=architecture,
+            fused_attention=fused_attention,
+        )
     model = create_open_clip_model(config.architecture, pretrained)
     return SigLIP2Backbone(
         model,

@@ -27,6 +27,7 @@ from ..config import renamed_arguments
 from ..distill import OptimSettings, StudentOptimizer, teacher_map
 from ..io import atomic_save_image
 from ..models import build_teacher, compile_backbone, compile_report
+from ..models.base import TrainableBlocks
 from ..models.compiling import CompileSetting, describe_compile_report
 from ..refine import build_stages
 from ..segmentation import OpenVocabSegmenter
@@ -35,6 +36,7 @@ from ..utils import Autocast, autocast_dtype, autocast_for, configure_matmul_pre
 
 GPU_SIZES = ((448, 448), (672, 896), (1024, 2048))
 CPU_SIZES = ((224, 224), (448, 448), (448, 896))
+DEFAULT_TRAINABLE_BLOCKS = "last-2"  # the training configs' backbone.trainable_blocks
 
 
 def peak_memory(function: Callable[[], Any], device: torch.device) -> int | None:
@@ -176,12 +178,22 @@ def time_training_step(
     batch_sizes: Sequence[int],
     warmup: int,
     repeats: int,
+    trainable_blocks: TrainableBlocks | None = None,
 ) -> dict[str, Any]:
     """Images/s of the distillation step that training runs (``StudentOptimizer.train_step``:
     forward, MSE, backward, AdamW) with cached targets at each batch size (same-size views, as
-    size buckets give), and with the online teacher (``teacher_map`` first)."""
+    size buckets give), and with the online teacher (``teacher_map`` first).
+
+    ``trainable_blocks``: the blocks trained (``"last-N"``, ...); ``None`` keeps those the
+    backbone was created with (``create_backbone(..., trainable_blocks=...)``, i.e. the config's
+    ``backbone.trainable_blocks``), or the training default ``"last-2"`` if it has none.
+    """
     student = copy.deepcopy(backbone).train()
-    student.set_trainable_blocks("last-2")
+    trained = trained_blocks(student)
+    if trainable_blocks is not None:
+        trained = student.set_trainable_blocks(trainable_blocks)
+    elif not trained:
+        trained = student.set_trainable_blocks(DEFAULT_TRAINABLE_BLOCKS)
     teacher = build_teacher(backbone, teacher_settings, precision)
     autocast = autocast_for(precision, device)
     # A tiny learning rate keeps the student near its start over the timed steps; the constant
@@ -205,11 +217,22 @@ def time_training_step(
 
     online = time_call(online_step, device, 1, max(2, repeats // 2))
     return {
+        "trainable_blocks": trained,
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "cached_images_per_second": {str(b): rate for b, rate in cached.items()},
         "cached_speedup_over_batch1": max(cached.values()) / cached[1] if cached else None,
         "online_images_per_second": 1 / online["median_s"],
         "peak_memory_bytes": peak_memory(lambda: update.train_step(one, target), device),
     }
+
+
+def trained_blocks(backbone: nn.Module) -> list[int]:
+    """Indices of the vision blocks with a parameter that requires grad."""
+    return [
+        index
+        for index, block in enumerate(backbone.blocks)
+        if any(p.requires_grad for p in block.parameters())
+    ]
 
 
 @contextlib.contextmanager
@@ -296,6 +319,7 @@ def measure_speed(
     warmup: int = 2,
     repeats: int = 5,
     compile: CompileSetting = False,
+    trainable_blocks: TrainableBlocks | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every measurement for one backbone on one device; see the module docstring.
@@ -306,7 +330,9 @@ def measure_speed(
     ``train_size``, one of ``sizes`` (default the middle one), where the teacher is also timed at
     the training stride if ``stride_sweep`` lacks it. ``compile`` times a compiled copy of the
     student (:func:`spar.models.compile_backbone`; the teacher and the training step stay
-    eager) and reports its first-call (compile) times under ``"compile"``.
+    eager) and reports its first-call (compile) times under ``"compile"``. The training step
+    trains ``trainable_blocks`` (see :func:`time_training_step`; ``None``: as the backbone was
+    created, which ``spar-speed`` does from ``backbone.trainable_blocks``).
     """
     teacher = {"stride": 24, **(teacher or {})}
     sizes = resolve_sizes(sizes, device)
@@ -345,7 +371,15 @@ def measure_speed(
             "size": list(train_size),
             "stride": teacher["stride"],
             **time_training_step(
-                backbone, train_size, teacher, device, precision, train_batch_sizes, 1, repeats
+                backbone,
+                train_size,
+                teacher,
+                device,
+                precision,
+                train_batch_sizes,
+                1,
+                repeats,
+                trainable_blocks,
             ),
         }
         if precision != "fp32":
