@@ -42,7 +42,8 @@ from .models import compile_report, create_backbone, dense_features
 from .models.compiling import check_compile_target
 from .models.teacher import check_feature_source
 from .refine import build_stages, check_stage_settings
-from .segmentation import OpenVocabSegmenter, load_class_names
+from .segmentation import OpenVocabSegmenter, display_names, load_class_names
+from .timing import synchronize
 from .utils import PRECISIONS, autocast_for
 
 
@@ -217,8 +218,7 @@ def evaluate_benchmark(
             )
         if per_image is not None:
             per_image.write(PerImageResults.scored(item["name"], image_metric.confusion))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     if context.is_distributed:
         confusion = metric.confusion.to(context.device if device.type == "cuda" else "cpu")
@@ -321,7 +321,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         bounds=tuple(data_cfg["bounds"]),
         device=context.device,
         autocast=autocast_for(precision, context.device),
-        class_names=[synonyms[0] for synonyms in classes],
+        class_names=display_names(classes),
         predictions_dir=out_dir / "predictions" if config.get("save_predictions") else None,
         context=context,
         num_workers=config.get("num_workers", 0),

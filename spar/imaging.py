@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .protocol import PROTOCOL
+
 #: Images with more pixels than this are not decoded (see :func:`set_max_image_pixels`):
 #: 100 megapixels, e.g. 10000x10000, far above any training or benchmark image.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
@@ -151,8 +153,10 @@ def load_image(path: str | Path) -> torch.Tensor:
 _COEF_SCALE = 2048
 
 
-def fit_size(height: int, width: int, bounds: Sequence[int]) -> tuple[int, int]:
-    """(h, w) that an (H, W) image is resized to so that it fits ``bounds`` = (long, short).
+def fit_size(height: int, width: int, bounds: Sequence[float]) -> tuple[int, int]:
+    """(h, w) that an (H, W) image is resized to so that it fits ``bounds`` = (long, short):
+    the one keep-ratio rule of spar (evaluation, LPOSS, the training views, whose bounds are
+    scaled by a drawn ratio and so need not be whole numbers).
 
     The scale is ``min(long / max(H, W), short / min(H, W))``, up or down, and each side is
     rounded as ``int(side * scale + 0.5)`` (at least 1): the rule of mmcv's ``rescale_size`` and
@@ -219,7 +223,7 @@ def resize_levels_bilinear(levels: torch.Tensor, size: Sequence[int]) -> torch.T
     return out.add_(2).bitwise_right_shift_(2).clamp_(0, 255)
 
 
-def resize_to_fit(image: torch.Tensor, bounds: Sequence[int] = (2048, 672)) -> torch.Tensor:
+def resize_to_fit(image: torch.Tensor, bounds: Sequence[int] = PROTOCOL.bounds) -> torch.Tensor:
     """Resize keeping the aspect ratio so the image fits (long side, short side) ``bounds``.
 
     The paper's protocol, mmseg's ``Resize(scale=bounds, keep_ratio=True)``: the size of

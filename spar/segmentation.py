@@ -128,6 +128,12 @@ def parse_classes(classes: Sequence[ClassEntry]) -> list[list[str]]:
     return synonyms
 
 
+def display_names(classes: Sequence[ClassEntry]) -> list[str]:
+    """The name each class is shown under in pictures, legends and results: its first synonym
+    (``"person, pedestrian"`` -> ``"person"``); the classes are checked by :func:`parse_classes`."""
+    return [synonyms[0] for synonyms in parse_classes(classes)]
+
+
 def _read_class_file(path: Path) -> str:
     """The text of a class-name file (UTF-8; a byte-order mark is dropped)."""
     try:

@@ -1,4 +1,5 @@
-"""Synchronised wall-clock timing of a call, for the notebook and the tools (``spar.tools``)."""
+"""Synchronised wall-clock timing of a call, for the notebook, the tools (``spar.tools``), the
+evaluation loop and the compile report: the one place spar waits for a device to time it."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ def time_call(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def timed_call(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(``function()``, its seconds): one call, no warm-up, timed by :func:`time_call` (so
+    synchronised on ``device`` before and after)."""
+    result = {}
+    seconds = time_call(lambda: result.update(value=function()), device, warmup=0, repeats=1)
+    return result["value"], seconds["median_s"]

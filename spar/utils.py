@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -103,6 +103,16 @@ def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
             "are kept)"
         )
     return tensor
+
+
+def check_finite_before_saving(state: Mapping[str, torch.Tensor], destination: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first floating-point tensor of ``state``
+    (``name -> tensor``, e.g. a state dict) that holds NaN or inf, before anything is written to
+    ``destination`` (a file or folder, with e.g. ``" at step 12"``): nothing non-finite replaces
+    a finite checkpoint. Integer tensors (counters, indices) cannot be non-finite."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"parameter {name}, to be saved in {destination},")
 
 
 def pass_through(item: Any) -> Any:

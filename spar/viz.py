@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import renamed_arguments
 from .imaging import ImageInput, prepare_images
-from .segmentation import OpenVocabSegmenter, parse_classes
+from .segmentation import OpenVocabSegmenter, display_names
 from .utils import module_device
 
 #: Pixel size of the legend and title text. Pillow's scalable default font (FreeType) is used:
@@ -145,6 +145,21 @@ def side_by_side(
     return canvas
 
 
+def pca_picture(
+    pixels: torch.Tensor, feature_maps: Sequence[torch.Tensor], titles: Sequence[str]
+) -> Image.Image:
+    """The image beside the PCA pictures of its feature maps in one colour basis
+    (:func:`pca_rgb`), each upsampled to the image, under ``titles`` (the image's first).
+
+    Args:
+        pixels: (3, H, W) image in [0, 1].
+        feature_maps: (C, h_i, w_i) maps of the image (e.g. teacher and student).
+        titles: ``1 + len(feature_maps)`` titles.
+    """
+    pictures = pca_rgb(feature_maps, size=tuple(pixels.shape[-2:]))
+    return side_by_side([to_pil(pixels), *(to_pil(p) for p in pictures)], titles)
+
+
 def source_title(dense: object) -> str:
     """A picture title for a dense-feature source: the teacher with its stride, or the class."""
     stride = getattr(dense, "stride", None)
@@ -202,7 +217,7 @@ def segmentation_picture(
         upsampler=upsampler,
     )
     mask = segmenter.predict(inputs)[0].cpu()
-    names = [synonyms[0] for synonyms in parse_classes(classes)]
+    names = display_names(classes)
     return overlay(pixels, mask, names), mask
 
 
@@ -223,5 +238,4 @@ def feature_picture(
     if dense is not None:
         maps.append(dense(inputs)[0].float())
         titles.append(source_title(dense))
-    pictures = pca_rgb(maps, size=tuple(pixels.shape[-2:]))
-    return side_by_side([to_pil(pixels), *(to_pil(p) for p in pictures)], titles)
+    return pca_picture(pixels, maps, titles)

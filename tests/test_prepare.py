@@ -118,7 +118,15 @@ def test_prepare_moves_the_batch_to_the_backbone_device(picture):
 
 PACKAGE = Path(spar.__file__).parent
 #: What ``spar.models`` may import of spar: itself and the low layer.
-MODELS_MAY_IMPORT = ("spar.models", "spar.imaging", "spar.utils", "spar.io", "spar.config")
+MODELS_MAY_IMPORT = (
+    "spar.models",
+    "spar.imaging",
+    "spar.utils",
+    "spar.timing",
+    "spar.io",
+    "spar.config",
+    "spar.deprecations",
+)
 
 
 def imported_spar_modules(source: str, module: str) -> set[str]:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..imaging import fit_size
+
 
 @dataclass(frozen=True)
 class AugmentationRecipe:
@@ -105,17 +107,32 @@ def plan_generator(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
+def upscale_to_short_side(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) of an (H, W) view upscaled, keeping its aspect ratio, so that its short side is at
+    least ``short_side``; a view already that large is kept. Not a fit to bounds
+    (:func:`spar.imaging.fit_size`): sides are rounded *up* (``ceil``, with a 1e-6 slack for
+    the float error of an exact ratio), so the short side reaches ``short_side`` exactly."""
+    short = min(height, width)
+    if short >= short_side:
+        return height, width
+    upscale = short_side / short
+    return math.ceil(height * upscale - 1e-6), math.ceil(width * upscale - 1e-6)
+
+
 def draw_plan(
     source_size: tuple[int, int], recipe: AugmentationRecipe, rng: np.random.Generator
 ) -> AugmentationPlan:
-    """Draw one view of an image of ``source_size`` = (H, W) following ``recipe``."""
+    """Draw one view of an image of ``source_size`` = (H, W) following ``recipe``.
+
+    The image is first resized to fit the recipe's bounds times a drawn ratio by the protocol's
+    keep-ratio rule, :func:`spar.imaging.fit_size`; then cropped; then upscaled to
+    ``min_short_side`` (:func:`upscale_to_short_side`) and cut to ``size_multiple``.
+    """
     height, width = source_size
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {source_size}")
     ratio = rng.uniform(*recipe.scale_range)
-    long_bound, short_bound = max(recipe.bounds) * ratio, min(recipe.bounds) * ratio
-    scale = min(long_bound / max(height, width), short_bound / min(height, width))
-    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = fit_size(height, width, (max(recipe.bounds) * ratio, min(recipe.bounds) * ratio))
 
     crop = (0, 0, *resized)
     if rng.random() < recipe.crop_prob:
@@ -127,11 +144,7 @@ def draw_plan(
         left = int(rng.integers(0, resized[1] - sides[1] + 1))
         crop = (top, left, sides[0], sides[1])
 
-    out_h, out_w = crop[2], crop[3]
-    short = min(out_h, out_w)
-    if short < recipe.min_short_side:
-        upscale = recipe.min_short_side / short
-        out_h, out_w = math.ceil(out_h * upscale - 1e-6), math.ceil(out_w * upscale - 1e-6)
+    out_h, out_w = upscale_to_short_side(crop[2], crop[3], recipe.min_short_side)
     multiple = recipe.size_multiple
     output = tuple(max(multiple, side // multiple * multiple) for side in (out_h, out_w))
     flip = bool(rng.random() < recipe.flip_prob)

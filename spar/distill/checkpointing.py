@@ -35,7 +35,7 @@ from ..models.weights import (
     read_safetensors_metadata,
     read_weight_file,
 )
-from ..utils import check_finite
+from ..utils import check_finite_before_saving
 
 STATE_KEYS = ("state", "optimizer", "scheduler", "scaler", "rng", "total_steps")
 
@@ -98,8 +98,7 @@ def save_training_checkpoint(
     identity = getattr(student, "identity", None) or {}
     parameters = trainable_state_dict(student)
     step = f" at step {extra['step']}" if "step" in extra else ""
-    for name, tensor in parameters.items():  # nothing non-finite replaces a finite checkpoint
-        check_finite(tensor, f"parameter {name}, to be saved in {directory}{step},")
+    check_finite_before_saving(parameters, f"{directory}{step}")
     # What resume_training needs to finish this save if a kill interrupts it after the state.
     own = {
         "weights": parameters,

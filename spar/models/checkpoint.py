@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path
-from ..utils import check_finite
+from ..utils import check_finite_before_saving
 from .weights import (
     WeightLoadingError,
     load_state_dict_strict,
@@ -57,8 +57,7 @@ def save_checkpoint(
     if not state:
         raise ValueError("the backbone has no trainable parameters to save")
     step = f" at step {extra['step']}" if extra and "step" in extra else ""
-    for name, tensor in state.items():
-        check_finite(tensor, f"parameter {name}, to be saved in {path}{step},")
+    check_finite_before_saving(state, f"{path}{step}")
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "backbone": json.dumps(getattr(backbone, "identity", None) or {"name": None}),

@@ -16,11 +16,13 @@ The setting is spelled ``compile`` everywhere: ``false``, ``true`` (PyTorch's de
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
+
+from ..timing import timed_call
 
 COMPILE_MODES = ("reduce-overhead", "max-autotune")
 CompileSetting = bool | str
@@ -37,11 +39,6 @@ def compile_mode(setting: CompileSetting) -> str | None:
     """The ``mode=`` argument of ``torch.compile`` for a compile setting that is not ``False``."""
     check_compile_setting(setting)
     return None if setting is True else setting
-
-
-def _synchronize(output: Any) -> None:
-    if isinstance(output, torch.Tensor) and output.device.type == "cuda":
-        torch.cuda.synchronize(output.device)
 
 
 class CompiledBlocks:
@@ -84,10 +81,9 @@ class CompiledBlocks:
         key += (torch.is_grad_enabled(),)
         if key in self.first_calls:
             return self.function(*inputs)
-        start = time.perf_counter()
-        output = self.function(*inputs)
-        _synchronize(output)
-        self.first_calls[key] = time.perf_counter() - start
+        output, self.first_calls[key] = timed_call(
+            partial(self.function, *inputs), inputs[0].device
+        )
         return output
 
     def __deepcopy__(self, memo: dict) -> None:

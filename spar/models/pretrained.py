@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json
-from ..utils import check_finite
+from ..utils import check_finite_before_saving
 from .registry import backbone_entry, create_backbone
 from .weights import (
     HF_HUB_PREFIX,
@@ -152,9 +152,7 @@ def save_pretrained(
     folder = Path(folder)
     # Cloned: safetensors refuses tensors that share memory.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
-    for key, tensor in state.items():
-        if tensor.is_floating_point():
-            check_finite(tensor, f"{key}, to be saved in {folder / WEIGHTS_NAME},")
+    check_finite_before_saving(state, str(folder / WEIGHTS_NAME))
     options = identity.get("options") or {}
     local_files = {k: Path(str(v)).name for k, v in options.items() if k in LOCAL_FILE_OPTIONS}
     config = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ from ..configs import CONFIG_DIR
 from ..data import list_images, prepare_image
 from ..data.samples import SAMPLE_IMAGES
 from ..models import build_teacher, create_backbone, from_pretrained, list_backbones
-from ..segmentation import OpenVocabSegmenter, parse_classes
-from ..timing import time_call
+from ..segmentation import OpenVocabSegmenter, display_names, parse_classes
+from ..timing import timed_call
 from ..utils import module_device, resolve_device
-from ..viz import overlay, palette, pca_rgb, side_by_side, source_title, to_pil
+from ..viz import overlay, palette, pca_picture, source_title
 
 #: (long, short) sides an image is resized to fit, keeping its aspect ratio.
 IMAGE_BOUNDS = {"448x336": (448, 336), "896x672": (896, 672), "2048x672": (2048, 672)}
@@ -75,13 +75,6 @@ def find_checkpoints(root: str | Path = "outputs") -> list[str]:
     return sorted(str(path) for pattern in patterns for path in root.glob(pattern))
 
 
-def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """(``function()``, its seconds, synchronised on a GPU)."""
-    result = {}
-    seconds = time_call(lambda: result.update(value=function()), device, warmup=0, repeats=1)
-    return result["value"], seconds["median_s"]
-
-
 def _timed_prediction(
     segmenter: OpenVocabSegmenter, inputs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -98,7 +91,7 @@ def _timed_prediction(
     if not staged:
         hook = segmenter.dense.register_forward_hook(lambda _m, _a, out: captured.append(out))
     try:
-        mask, seconds = _timed(lambda: segmenter.predict(inputs)[0].cpu(), inputs.device)
+        mask, seconds = timed_call(lambda: segmenter.predict(inputs)[0].cpu(), inputs.device)
     finally:
         if hook is not None:
             hook.remove()
@@ -172,7 +165,7 @@ def segment_page(
         stages: refinement stages for both segmenters (``refiner``, ``upsampler``; see
             :func:`load_stages`), or ``None``.
     """
-    names = [synonyms[0] for synonyms in parse_classes(classes)]
+    names = display_names(classes)
     device = module_device(student)
     pixels, inputs = prepare_image(image, bounds, student.mean, student.std, device)
     options = dict(
@@ -183,7 +176,7 @@ def segment_page(
         **{name: stage for name, stage in (stages or {}).items() if stage is not None},
     )
     seconds = {}
-    segmenter, seconds["text"] = _timed(
+    segmenter, seconds["text"] = timed_call(
         lambda: OpenVocabSegmenter.from_backbone(student, classes, **options), device
     )
     mask, student_features, seconds["student"] = _timed_prediction(segmenter, inputs)
@@ -208,11 +201,9 @@ def segment_page(
         maps.append(teacher_features)
         titles.append(result.teacher_title)
 
-    def pca_picture() -> Image.Image:
-        pictures = pca_rgb(maps, size=tuple(pixels.shape[-2:]))
-        return side_by_side([to_pil(pixels), *(to_pil(p) for p in pictures)], titles)
-
-    result.features, seconds["features"] = _timed(pca_picture, device)
+    result.features, seconds["features"] = timed_call(
+        lambda: pca_picture(pixels, maps, titles), device
+    )
     return result
 
 

@@ -11,8 +11,8 @@ config ``spar/configs/demo.yaml``) prints a line per image and writes the pictur
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -28,20 +28,10 @@ from ..data.images import set_max_image_pixels
 from ..io import atomic_save_image, atomic_write_json
 from ..models import SlidingWindowTeacher, build_teacher, create_backbone
 from ..models.teacher import check_teacher_settings
-from ..segmentation import OpenVocabSegmenter, parse_classes
+from ..segmentation import OpenVocabSegmenter, display_names
+from ..timing import timed_call
 from ..utils import module_device, resolve_device
-from ..viz import overlay, pca_rgb, side_by_side, source_title, to_pil
-
-
-def _timed(function, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-    if images.is_cuda:
-        torch.cuda.synchronize(images.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        output = function(images)
-    if images.is_cuda:
-        torch.cuda.synchronize(images.device)
-    return output, time.perf_counter() - start
+from ..viz import overlay, pca_picture, source_title
 
 
 @renamed_arguments()
@@ -76,13 +66,14 @@ def compare_teacher_student(
     out_dir = Path(out_dir)
     teacher = teacher if teacher is not None else build_teacher(backbone)
     segmenter = OpenVocabSegmenter.from_backbone(distilled or backbone, classes)
-    names = [synonyms[0] for synonyms in parse_classes(classes)]
+    names = display_names(classes)
     device = module_device(backbone)
     rows = []
     for path in tqdm(list(image_paths), desc="teacher vs student", unit="image"):
         image, inputs = prepare_image(path, bounds, backbone.mean, backbone.std, device)
-        student, student_seconds = _timed(backbone, inputs)
-        stitched, teacher_seconds = _timed(teacher, inputs)
+        with torch.no_grad():
+            student, student_seconds = timed_call(partial(backbone, inputs), device)
+            stitched, teacher_seconds = timed_call(partial(teacher, inputs), device)
         maps = [stitched[0], student.float()[0]]
         titles = ["image", source_title(teacher), "single pass (pretrained)"]
         row = {
@@ -103,11 +94,7 @@ def compare_teacher_student(
         with torch.no_grad():
             mask = segmenter.predict(inputs, output_size=tuple(image.shape[-2:]))[0]
         stem = Path(path).stem
-        pictures = pca_rgb(maps, size=tuple(image.shape[-2:]))
-        atomic_save_image(
-            out_dir / f"{stem}_features.png",
-            side_by_side([to_pil(image), *(to_pil(p) for p in pictures)], titles),
-        )
+        atomic_save_image(out_dir / f"{stem}_features.png", pca_picture(image, maps, titles))
         atomic_save_image(out_dir / f"{stem}_segmentation.png", overlay(image, mask.cpu(), names))
         rows.append(row)
     summary = {
