@@ -199,7 +199,10 @@ def _check_or_write_fingerprint(out_dir: Path, fingerprint: dict[str, Any]) -> N
     path = out_dir / FINGERPRINT_FILE
     hint = "segment into another output folder, or remove this one"
     if path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ProvenanceError(f"{path} cannot be read ({error}); {hint}") from None
         check_fingerprint(recorded, fingerprint, str(out_dir), hint=hint)
         return
     if any(out_dir.rglob(f"*{OUTPUT_SUFFIXES['classes']}")):
