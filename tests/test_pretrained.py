@@ -57,7 +57,12 @@ def _outputs(backbone, images):
 
 def test_round_trip_through_a_folder(student, tmp_path):
     folder = save_pretrained(student, tmp_path / "student", summary=SUMMARY)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        CONFIG_NAME,
+        "manifest.json",
+        WEIGHTS_NAME,
+    ]
     images = torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(1))
 
     loaded = from_pretrained(folder)
@@ -116,8 +121,12 @@ def test_weights_of_another_backbone_are_refused(student, tmp_path):
     folder = save_pretrained(student, tmp_path / "student")
     config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "backbone": "siglip2-tiny"}))
-    with pytest.raises(ValueError, match="do not fit the model"):
+    with pytest.raises(ValueError, match=r"config\.json does not match .*manifest\.json"):
         from_pretrained(folder)
+    (folder / "manifest.json").unlink()  # a folder of an older spar: loaded, weights checked
+    with pytest.warns(UserWarning, match="no manifest.json"):
+        with pytest.raises(ValueError, match="do not fit the model"):
+            from_pretrained(folder)
 
 
 def test_hub_id_resolves_through_the_hub_cache(student, tmp_path, monkeypatch):
