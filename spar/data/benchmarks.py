@@ -173,6 +173,7 @@ def _ade20k() -> BenchmarkSpec:
     return BenchmarkSpec("ade20k", 150, layout, find, reduce_zero=True, default_split="validation")
 
 
+#: The eight evaluation benchmarks of the paper's protocol, by name (``dataset.name``).
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
@@ -189,6 +190,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 
 def benchmark_spec(name: str) -> BenchmarkSpec:
+    """The :data:`BENCHMARKS` entry ``name``; ``KeyError`` listing the known names otherwise."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[name]

@@ -47,6 +47,7 @@ __all__ = [
     "to_model_input",
 ]
 
+#: File suffixes that :func:`list_images` takes for images (compared in lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 

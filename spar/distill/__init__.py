@@ -1,6 +1,6 @@
 """Distillation of the sliding-window teacher into the single-pass student."""
 
-from ..deprecations import module_getattr
+from ..deprecations import module_getattr as _module_getattr
 from .augment import AugmentationPlan, AugmentationRecipe, apply_plan, draw_plan, plan_generator
 from .buckets import SizeBucketBatchSampler, bucket_batches, epoch_order
 from .cache import TeacherFeatureCache, entry_key, teacher_identity, weights_digest
@@ -71,4 +71,4 @@ __all__ = [
 
 #: ``from spar.distill import fill_teacher_cache`` (renamed): an ImportError naming the new
 #: spelling (:data:`spar.deprecations.DEPRECATIONS`).
-__getattr__ = module_getattr(__name__)
+__getattr__ = _module_getattr(__name__)

@@ -24,7 +24,9 @@ from .anyup import RELEASE_URL, AnyUp
 from .lposs import LPOSS, AffinityBackbone
 from .upsample import AnyUpUpsampler
 
+#: The ``refine.name`` values (``spar/configs/refine``): no refinement, LPOSS, LPOSS+.
 REFINE_NAMES = ("none", "lposs", "lposs_plus")
+#: The ``upsample.name`` values (``spar/configs/upsample``): bilinear, AnyUp.
 UPSAMPLE_NAMES = ("bilinear", "anyup")
 HUB = "hub"
 _LPOSS_SETTINGS = (
