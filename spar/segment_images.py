@@ -46,7 +46,7 @@ from .provenance import (
     settings_fingerprint,
     weights_digest,
 )
-from .segmentation import OpenVocabSegmenter, parse_classes
+from .segmentation import OpenVocabSegmenter, display_names, parse_classes
 from .timing import synchronize
 from .utils import module_device
 from .viz import overlay
@@ -346,7 +346,7 @@ def segment_path(
         refiner=refiner,
         upsampler=upsampler,
     )
-    names = [synonyms[0] for synonyms in segmenter.class_names]
+    names = display_names(segmenter.class_names)
     device = module_device(backbone)
     written = 0
     progress = tqdm(
