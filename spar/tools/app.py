@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import functools
 import html
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,16 @@ from ..configs import CONFIG_DIR
 from ..data import list_images, prepare_image
 from ..data.samples import SAMPLE_IMAGES
 from ..models import build_teacher, create_backbone, from_pretrained, list_backbones
+from ..models.pretrained import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
+from ..protocol import PROTOCOL
+from ..provenance import file_digest
 from ..segmentation import OpenVocabSegmenter, display_names, parse_classes
 from ..timing import timed_call
 from ..utils import module_device, resolve_device
 from ..viz import overlay, palette, pca_picture, source_title
 
 #: (long, short) sides an image is resized to fit, keeping its aspect ratio.
-IMAGE_BOUNDS = {"448x336": (448, 336), "896x672": (896, 672), "2048x672": (2048, 672)}
+IMAGE_BOUNDS = {"448x336": (448, 336), "896x672": (896, 672), "2048x672": PROTOCOL.bounds}
 DEFAULT_CLASSES = "sky\nperson, astronaut\ncat\ncup, coffee\nrocket\ntree\nbuilding"
 
 
@@ -52,12 +56,55 @@ def sample_images() -> list[Path]:
     return list_images(SAMPLE_IMAGES)
 
 
-@functools.lru_cache(maxsize=4)
-def load_backbone(name: str, checkpoint: str, device: str) -> nn.Module:
-    """A backbone on ``device``, kept for the next request: ``name``'s default weights when
-    ``checkpoint`` is empty; otherwise a checkpoint file on top of them, or a student folder of
-    :func:`~spar.models.save_pretrained` (or its hub id), whose own backbone name is used."""
+def checkpoint_fingerprint(checkpoint: str) -> str:
+    """What the page's model cache keys a checkpoint by, besides its name: the content digest
+    (:func:`spar.provenance.file_digest`, memoised by path, size and mtime) of a checkpoint file,
+    or of a student folder's ``manifest.json`` (else its weights and config); ``""`` for no
+    checkpoint or a hub id. A file rewritten in place (``best.safetensors`` while training) or
+    a folder saved again gets a new fingerprint, so it is loaded again."""
     checkpoint = checkpoint.strip()
+    path = Path(checkpoint).expanduser()
+    if not checkpoint:
+        return ""
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        manifest = (path / MANIFEST_NAME).is_file()
+        names = (MANIFEST_NAME,) if manifest else (WEIGHTS_NAME, CONFIG_NAME)
+        return "+".join(file_digest(path / n) if (path / n).is_file() else "-" for n in names)
+    return ""
+
+
+class ModelCache:
+    """The page's loaded models: ``get(name, checkpoint, device)`` returns the model that
+    ``load(name, checkpoint, device)`` made for the same arguments and the same content of the
+    checkpoint (:func:`checkpoint_fingerprint`), loading it again after the file changed; the
+    entry of the earlier content is dropped, and at most ``size`` models are kept (least
+    recently used first out)."""
+
+    def __init__(self, load: Callable[[str, str, str], Any], size: int = 4) -> None:
+        self.load, self.size = load, size
+        self.entries: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
+
+    def get(self, name: str, checkpoint: str, device: str) -> Any:
+        checkpoint = checkpoint.strip()
+        key = (name, checkpoint, device, checkpoint_fingerprint(checkpoint))
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        for stale in [k for k in self.entries if k[:3] == key[:3]]:  # earlier content
+            del self.entries[stale]
+        value = self.load(name, checkpoint, device)
+        self.entries[key] = value
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _load_backbone(name: str, checkpoint: str, device: str) -> nn.Module:
     if not checkpoint:
         backbone = create_backbone(name)
     elif Path(checkpoint).expanduser().is_file():
@@ -65,6 +112,17 @@ def load_backbone(name: str, checkpoint: str, device: str) -> nn.Module:
     else:
         backbone = from_pretrained(checkpoint)
     return backbone.to(device).eval()
+
+
+_MODELS = ModelCache(_load_backbone)
+
+
+def load_backbone(name: str, checkpoint: str, device: str) -> nn.Module:
+    """A backbone on ``device``, kept for the next request while its checkpoint is unchanged
+    (:class:`ModelCache`): ``name``'s default weights when ``checkpoint`` is empty; otherwise a
+    checkpoint file on top of them, or a student folder of :func:`~spar.models.save_pretrained`
+    (or its hub id), whose own backbone name is used."""
+    return _MODELS.get(name, checkpoint, device)
 
 
 def find_checkpoints(root: str | Path = "outputs") -> list[str]:
@@ -147,8 +205,8 @@ def segment_page(
     classes: Sequence[str | Sequence[str]],
     *,
     teacher_stride: int | None = 24,
-    templates: str = "imagenet80",
-    logit_scale: float = 40.0,
+    templates: str = PROTOCOL.templates,
+    logit_scale: float = PROTOCOL.logit_scale,
     prob_threshold: float | None = None,
     area_threshold: float | None = None,
     bounds: Sequence[int] | None = (448, 336),
@@ -347,7 +405,7 @@ def build_page(
                     stride = gr.Slider(8, 512, value=24, step=8, label="teacher stride (px)")
                 with gr.Row():
                     templates = gr.Radio(
-                        ["imagenet80", "single"], value="imagenet80", label="prompt templates"
+                        ["imagenet80", "single"], value=PROTOCOL.templates, label="prompt templates"
                     )
                     bounds = gr.Radio(list(IMAGE_BOUNDS), value="448x336", label="resize to fit")
                 with gr.Row():
