@@ -89,7 +89,7 @@ def test_every_checkpoint_records_the_fingerprint_of_settings_data_teacher_and_b
     stopped, tmp_path
 ):
     base, images, _ = stopped
-    summary = run(tmp_path, images, "full")
+    summary = run(tmp_path, images, "full", "train_images.max_images=1")  # one step, one epoch
     checkpoints = tmp_path / "full" / "checkpoints"
     last = extra_of(checkpoints / "last.safetensors")
     assert extra_of(checkpoints / "best.safetensors")["fingerprint"] == last["fingerprint"]
@@ -101,7 +101,7 @@ def test_every_checkpoint_records_the_fingerprint_of_settings_data_teacher_and_b
     assert fingerprint["teacher.dtype"] == "float32"
     assert fingerprint["trainer.precision"] == "float32"  # "auto" resolved on the CPU
     assert fingerprint["trainer.epochs"] == 1 and fingerprint["trainer.seed"] == 0
-    assert fingerprint["train_images"].startswith("3 images, ")
+    assert fingerprint["train_images"].startswith("1 images, ")
     assert fingerprint["heldout"].startswith("1 images, ")
     for speed_or_display in (
         "trainer.num_workers",
@@ -169,16 +169,26 @@ def test_other_base_weights_of_the_same_shapes_are_refused_a_moved_file_is_not(t
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     write_base(0, weights)
-    run(tmp_path, images, "part", f"backbone.pretrained={weights}", "trainer.stop_after_steps=1")
+    one = ("train_images.max_images=1", "trainer.epochs=1")  # one step
+    part = tmp_path / "part"
+    run(tmp_path, images, "part", f"backbone.pretrained={weights}", *one)
     moved = tmp_path / "moved.safetensors"
     shutil.copy(weights, moved)
     write_base(1, weights)  # the same path, other weights of the same shapes
     with pytest.raises(ProvenanceError, match=r"differing: weights: \w+ -> \w+ \("):
-        run(tmp_path, images, "r", f"backbone.pretrained={weights}", f"resume={tmp_path / 'part'}")
+        run(tmp_path, images, "r", f"backbone.pretrained={weights}", *one, f"resume={part}")
     resumed = run(
-        tmp_path, images, "part", f"backbone.pretrained={moved}", f"resume={tmp_path / 'part'}"
+        tmp_path,
+        images,
+        "part",
+        f"backbone.pretrained={moved}",
+        "train_images.max_images=1",
+        "trainer.epochs=2",  # one more epoch (one step)
+        f"resume={part}",
+        "resume_allow=[trainer.epochs]",
     )
-    assert resumed["steps"] == 3
+    assert resumed["steps"] == 2
+    assert resumed["changes"] == [{"key": "trainer.epochs", "old": 1, "new": 2, "step": 1}]
 
 
 def test_resume_allow_must_name_a_recorded_key_and_needs_resume(stopped, tmp_path):

@@ -227,6 +227,8 @@ def run_distillation(
     continues there); rank 0 holds a lock on it for the whole run (``RunFolder``). A folder
     that cannot be written is refused before anything is built."""
     require_writable_folder(out_dir, "the run folder")
+    if (Path(out_dir) / "checkpoints").is_dir():  # a run folder resumed in place
+        require_writable_folder(Path(out_dir) / "checkpoints", "the checkpoint folder")
     setup = prepare(cfg)
     config, context = setup.config, setup.context
     # Rank 0 is the one writer of the run folder: refuse one that holds another run (unless

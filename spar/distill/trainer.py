@@ -291,7 +291,7 @@ class Distiller(TrainLoop):
         ``resume_changes`` record and stored in every later checkpoint.
         """
         saved = resume_training(path, self.student)
-        if saved["total_steps"] != self.optimization.total_steps:
+        if saved["total_steps"] != self.optimization.total_steps and not changes:
             warnings.warn(
                 f"resuming a run planned for {saved['total_steps']} steps with "
                 f"{self.optimization.total_steps}; the learning-rate schedule will differ",
