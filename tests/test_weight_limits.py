@@ -348,6 +348,22 @@ def test_resume_refuses_a_state_with_bad_weights(tmp_path, how):
         tiny_distiller(tmp_path).resume(tmp_path)
 
 
+def test_resume_refuses_a_state_whose_optimizer_moments_hold_a_nan(tmp_path):
+    tiny_distiller(tmp_path).save()
+    state_path = tmp_path / "checkpoints" / "last.state.pt"
+    saved = torch.load(state_path, weights_only=True)
+    moments = torch.zeros(4, 3)
+    moments[2, 1] = float("nan")
+    saved["optimizer"]["state"][0] = {"step": torch.tensor(1.0), "exp_avg": moments}
+    torch.save(saved, state_path)
+    with pytest.raises(
+        WeightLoadingError,
+        match=rf"^refused {state_path}: tensors holding NaN or inf: optimizer\.state\.0\.exp_avg "
+        r"\(1 of 12 values\)$",
+    ):
+        tiny_distiller(tmp_path).resume(tmp_path)
+
+
 @pytest.mark.parametrize("name", sorted(UNBOUNDED_FILES))
 def test_resume_refuses_an_unbounded_state_file(tmp_path, name):
     state_path = tmp_path / "checkpoints" / "last.state.pt"

@@ -31,6 +31,7 @@ from ..io import atomic_write_bytes
 from ..models.checkpoint import load_checkpoint, save_checkpoint, trainable_state_dict
 from ..models.weights import (
     WeightLoadingError,
+    check_finite_tensors,
     load_state_dict_strict,
     read_safetensors_metadata,
     read_weight_file,
@@ -201,6 +202,8 @@ def _read_state(path: Path) -> dict[str, Any]:
             f"cannot resume: {path} is not a SPAR training state (expected the entries "
             f"{', '.join(STATE_KEYS)})"
         )
+    # The parameters are checked when loaded; the optimizer moments etc. here (NaN refused).
+    check_finite_tensors({k: saved[k] for k in ("optimizer", "scheduler", "scaler")}, str(path))
     return saved
 
 
