@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -335,6 +336,26 @@ def test_an_unwritable_run_folder_or_cache_folder_is_refused_before_any_model(tm
     assert not (tmp_path / "r" / "checkpoints").exists()
     with pytest.raises(Built):  # no cache: its folder is not written, so not checked
         run(tmp_path, images, "r", f"teacher.cache_dir={blocker / 'cache'}", "teacher.cache=false")
+
+
+def _sysfs_refuses_files() -> bool:
+    try:
+        handle, path = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return os.path.isdir("/sys/kernel")
+    os.close(handle)
+    os.unlink(path)
+    return False
+
+
+@pytest.mark.skipif(not _sysfs_refuses_files(), reason="needs Linux sysfs, where no file is made")
+def test_a_folder_nobody_may_write_is_refused_before_any_model(tmp_path, no_model):
+    """sysfs refuses new files to root as well: the probe, not a mode check, finds it."""
+    images = write_scene_images(tmp_path / "images", count=4, size=(128, 160))
+    with pytest.raises(SettingError, match=r"^the run folder /sys/spar-run is not writable"):
+        run_distillation(config(tmp_path, images), "/sys/spar-run")
+    with pytest.raises(SettingError, match=r"^teacher\.cache_dir /sys/spar-c is not writable"):
+        run(tmp_path, images, "r", "teacher.cache_dir=/sys/spar-c")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
