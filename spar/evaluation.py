@@ -11,7 +11,6 @@ image and resizes it once itself, as the published LPOSS pipeline does.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,16 +34,40 @@ from .config import (
 )
 from .data.benchmarks import BENCHMARKS, IGNORE_INDEX, SegmentationBenchmark, check_split
 from .distributed import DistributedContext, init_distributed
+from .eval_fingerprint import (
+    KEYS_KNOWN_LATER,
+    data_fingerprint,
+    dtype_name,
+    evaluation_settings,
+    model_fingerprint,
+)
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS, prepare_images, set_max_image_pixels
-from .io import append_json_line, atomic_save_image, atomic_write_json, complete_lines
+from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
 from .models import compile_report, create_backbone, dense_features
 from .models.compiling import check_compile_target
 from .models.teacher import check_feature_source
+from .output_names import relative_name, unique_names
+from .per_image import PerImageResults, check_recorded_settings, image_keys
 from .refine import build_stages, check_stage_settings
+from .results_table import collect_results, format_results_table
 from .segmentation import OpenVocabSegmenter, display_names, load_class_names
 from .timing import synchronize
-from .utils import PRECISIONS, autocast_for
+from .utils import PRECISIONS, autocast_dtype, autocast_for
+
+__all__ = [
+    "PerImageResults",
+    "check_eval_settings",
+    "collect_results",
+    "dataset_classes",
+    "evaluate_benchmark",
+    "evaluation_fingerprint",
+    "format_results_table",
+    "prediction_names",
+    "prediction_to_png",
+    "read_prediction_png",
+    "run_evaluation",
+]
 
 
 def prediction_to_png(prediction: torch.Tensor) -> Image.Image:
@@ -58,75 +81,6 @@ def read_prediction_png(path: str | Path) -> np.ndarray:
     """(H, W) int64 class indices from a PNG written by :func:`prediction_to_png`."""
     with Image.open(path) as image:
         return np.asarray(image, dtype=np.int64)
-
-
-class PerImageResults:
-    """Per-image scores written as the evaluation goes: one JSON line per image in
-    ``path`` (``per_image.jsonl``; ``per_image.rank<r>.jsonl`` under torchrun), so a crash keeps
-    every image scored so far, and a re-run into the same folder with the same settings
-    resumes from them.
-
-    Each line holds ``name``, and either ``skipped`` (why) or ``pixels`` (counted), ``correct``
-    and ``confusion``: the image's non-zero confusion-matrix cells as ``[label, predicted,
-    count]``. The first line of each file is ``{"signature": ...}``; files written with another
-    signature (other settings) are refused, never mixed.
-
-    Args:
-        folder: where the files go.
-        signature: what the scores depend on (the resolved config without its speed settings).
-        context: rank (each rank appends to its own file; all files are read to resume).
-    """
-
-    def __init__(self, folder: str | Path, signature: Any, context: DistributedContext) -> None:
-        self.folder = Path(folder)
-        self.signature = json.loads(json.dumps(signature, sort_keys=True, default=str))
-        name = (
-            f"per_image.rank{context.rank}.jsonl" if context.is_distributed else "per_image.jsonl"
-        )
-        self.path = self.folder / name
-        self.done: dict[str, dict[str, Any]] = {}
-        for path in sorted(self.folder.glob("per_image*.jsonl")):
-            self.done.update(self._read(path))
-
-    def _read(self, path: Path) -> dict[str, dict[str, Any]]:
-        records = {}
-        for number, line in enumerate(complete_lines(path)):  # drops a line cut short by a crash
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: line {number + 1} is not JSON") from None
-            if number == 0:
-                if record.get("signature") != self.signature:
-                    raise ValueError(
-                        f"{path} holds per-image scores of other settings; evaluate into a new "
-                        "folder (the default run folder is unique) or remove it"
-                    )
-                continue
-            records[record["name"]] = record
-        return records
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one image's record (a crash keeps every complete line)."""
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            append_json_line(self.path, {"signature": self.signature})
-        append_json_line(self.path, record)
-
-    @staticmethod
-    def scored(name: str, confusion: torch.Tensor) -> dict[str, Any]:
-        """The record of an image scored with the (K, K) ``confusion`` of its pixels alone."""
-        cells = confusion.nonzero().tolist()
-        return {
-            "name": name,
-            "pixels": int(confusion.sum()),
-            "correct": int(confusion.diagonal().sum()),
-            "confusion": [[t, p, int(confusion[t, p])] for t, p in cells],
-        }
-
-    @staticmethod
-    def add_to(metric: MeanIoU, record: dict[str, Any]) -> None:
-        """Add a stored image's confusion cells to ``metric``."""
-        for target, predicted, count in record["confusion"]:
-            metric.confusion[target, predicted] += count
 
 
 def evaluate_benchmark(
@@ -154,11 +108,13 @@ def evaluate_benchmark(
         bounds: (long, short) resize bound.
         class_names: one display name per class for ``per_class_iou``.
         predictions_dir: when given, every prediction is written there as ``<name>.png``
-            (class indices, 0 = first class of the class-name file).
+            (class indices, 0 = first class of the class-name file); two images of one name
+            are refused before any work (:func:`prediction_names`).
         context: under torchrun, each rank takes every N-th image and the confusion matrices
             are summed.
-        per_image: where each image's scores are written as it is scored; the images it
-            already holds are not evaluated again, their stored scores count instead.
+        per_image: where each image's scores are written as it is scored, keyed by the
+            image's path relative to the dataset root; the images it already holds are not
+            evaluated again, their stored scores count instead.
 
     Returns:
         ``miou``, ``aacc``, ``macc`` (percent), ``per_class_iou`` (name -> percent or None when
@@ -174,6 +130,9 @@ def evaluate_benchmark(
             f"{dataset.num_classes} classes"
         )
     names = list(class_names or [str(i) for i in range(dataset.num_classes)])
+    keys = image_keys([sample.image for sample in dataset.samples], dataset.root)
+    if predictions_dir is not None:
+        prediction_names(dataset)
     metric = MeanIoU(dataset.num_classes, ignore_index=IGNORE_INDEX)
     done = per_image.done if per_image is not None else {}
     skipped, evaluated, resumed = [], 0, 0
@@ -185,20 +144,21 @@ def evaluate_benchmark(
                 PerImageResults.add_to(metric, record)
                 resumed += 1
     input_bounds = _segmenter_input_bounds(segmenter, bounds)
-    remaining = [i for i, sample in enumerate(dataset.samples) if sample.name not in done]
+    remaining = [i for i, key in enumerate(keys) if key not in done]
     loader = context.shard_loader(
         Subset(dataset, remaining), num_workers, pin_memory=device.type == "cuda"
     )
     start = time.perf_counter()
     progress = context.progress(loader, show_progress, desc=dataset.spec.name, unit="img")
     for item in progress:
+        key = relative_name(item["image_path"], dataset.root)
         if item["skipped"] is not None:
             warnings.warn(f"skipping {item['image_path']}: {item['skipped']}", stacklevel=2)
             skipped.append(item["image_path"])
             if per_image is not None:
                 per_image.write(
                     {
-                        "name": item["name"],
+                        "image": key,
                         "image_path": item["image_path"],
                         "skipped": item["skipped"],
                     }
@@ -217,7 +177,7 @@ def evaluate_benchmark(
                 Path(predictions_dir) / f"{item['name']}.png", prediction_to_png(prediction)
             )
         if per_image is not None:
-            per_image.write(PerImageResults.scored(item["name"], image_metric.confusion))
+            per_image.write(PerImageResults.scored(key, image_metric.confusion))
     synchronize(device)
     seconds = time.perf_counter() - start
     if context.is_distributed:
@@ -244,6 +204,30 @@ def evaluate_benchmark(
     }
 
 
+def prediction_names(dataset: SegmentationBenchmark) -> list[str]:
+    """The prediction file of each image, ``<name>.png`` (the benchmark's image name: its id or
+    stem); raises :class:`~spar.output_names.OutputCollisionError` naming both images when two
+    images of the split share a name (one stem in two sub-folders)."""
+    name_of = {sample.image: sample.name for sample in dataset.samples}
+    images = [sample.image for sample in dataset.samples]
+    return unique_names(images, lambda image: f"{name_of[image]}.png", "prediction")
+
+
+def evaluation_fingerprint(
+    config: dict[str, Any], dataset: SegmentationBenchmark, device: torch.device
+) -> dict[str, Any]:
+    """What the scores of ``config`` on ``dataset`` depend on, before any model is built: the
+    scored settings, the resolved precision (and the teacher's dtype), the split's files and the
+    class-name file (:mod:`spar.eval_fingerprint`). ``run_evaluation`` adds the weights
+    (:func:`~spar.eval_fingerprint.model_fingerprint`) once the models are built."""
+    autocast = dtype_name(autocast_dtype(config.get("precision", "auto"), torch.device(device)))
+    fingerprint = {**evaluation_settings(config), "autocast": autocast}
+    if config["features"] == "teacher":
+        fingerprint["teacher.dtype"] = autocast  # build_teacher copies the weights to it
+    class_file = config["dataset"].get("class_names") or dataset.spec.class_file
+    return {**fingerprint, **data_fingerprint(dataset, str(class_file))}
+
+
 def _segmenter_input_bounds(
     segmenter: OpenVocabSegmenter, bounds: Sequence[int]
 ) -> Sequence[int] | None:
@@ -256,21 +240,6 @@ def _segmenter_input_bounds(
     """
     refiner_bounds = getattr(getattr(segmenter, "refiner", None), "bounds", None)
     return None if refiner_bounds is not None else bounds
-
-
-def format_results_table(results: dict[str, Any]) -> str:
-    """Per-class IoU table and the summary line, as printed by ``scripts/eval.py``."""
-    width = max([len(name) for name in results["per_class_iou"]] + [5])
-    lines = [f"{'class':<{width}}  {'IoU':>6}", "-" * (width + 8)]
-    for name, value in results["per_class_iou"].items():
-        lines.append(f"{name:<{width}}  {'n/a' if value is None else f'{value:.2f}':>6}")
-    lines.append("-" * (width + 8))
-    lines.append(
-        f"mIoU {results['miou']:.2f}  aAcc {results['aacc']:.2f}  mAcc {results['macc']:.2f}  "
-        f"images {results['num_images']} (skipped {results['skipped_images']})  "
-        f"{results['images_per_second']:.2f} img/s"
-    )
-    return "\n".join(lines)
 
 
 def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
@@ -292,7 +261,13 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     data_cfg = config["dataset"]
     dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
     check_split(dataset)  # the whole split's layout, before any model is built
-    per_image = PerImageResults(Path(out_dir), _signature(config), context)
+    image_keys([sample.image for sample in dataset.samples], dataset.root)
+    if config.get("save_predictions"):
+        prediction_names(dataset)
+    out_dir = Path(out_dir)
+    precision = config.get("precision", "auto")
+    fingerprint = evaluation_fingerprint(config, dataset, context.device)
+    check_recorded_settings(out_dir, fingerprint, KEYS_KNOWN_LATER)  # before any model
     classes = dataset_classes(data_cfg)
     backbone = create_backbone(
         **config["backbone"],
@@ -300,7 +275,9 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         compile=check_compile_target(config.get("compile", False), config["features"]),
     )
     backbone = backbone.to(context.device)
-    precision = config.get("precision", "auto")
+    stages = build_stages(config, context.device)
+    fingerprint.update(model_fingerprint(backbone, stages))
+    per_image = PerImageResults(out_dir, fingerprint, context)  # before the text is encoded
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
         classes,
@@ -310,9 +287,8 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         logit_bias=data_cfg.get("logit_bias", 0.0),
         prob_threshold=data_cfg.get("prob_threshold"),
         area_threshold=data_cfg.get("area_threshold"),
-        **build_stages(config, context.device),
+        **stages,
     )
-    out_dir = Path(out_dir)
     results = evaluate_benchmark(
         segmenter,
         dataset,
@@ -331,6 +307,7 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     results = {"dataset": dataset.spec.name, "features": config["features"], **results}
     results["compile"] = compile_report(backbone)
     results["config"] = config
+    results["fingerprint"] = per_image.fingerprint
     if context.is_main:
         atomic_write_json(out_dir / "eval_results.json", results)
     return results
@@ -392,46 +369,3 @@ def dataset_classes(data_cfg: dict[str, Any]) -> list[list[str]]:
             f"{spec.num_classes} (one class per line, synonyms comma-separated on it)"
         )
     return classes
-
-
-def _signature(config: dict[str, Any]) -> dict[str, Any]:
-    """What per-image scores depend on: the config without the settings of speed and display."""
-    return {k: v for k, v in config.items() if k not in ("num_workers", "show_progress")}
-
-
-def _row_label(results: dict[str, Any]) -> str:
-    """Backbone, feature source and checkpoint, then the refinement stages that are on (so an
-    LPOSS or AnyUp run gets its own row)."""
-    config = results.get("config", {})
-    backbone = config.get("backbone", {}).get("name", "?")
-    if results.get("features") == "teacher":
-        label = f"{backbone} teacher (stride {config.get('teacher', {}).get('stride')})"
-    elif config.get("checkpoint"):
-        label = f"{backbone} SPAR ({Path(config['checkpoint']).name})"
-    else:
-        label = f"{backbone} single pass"
-    refine = (config.get("refine") or {}).get("name", "none")
-    upsample = (config.get("upsample") or {}).get("name", "bilinear")
-    stages = [name for name, off in ((refine, "none"), (upsample, "bilinear")) if name != off]
-    return " + ".join([label, *stages])
-
-
-def collect_results(root: str | Path) -> str:
-    """A markdown table of every ``eval_results.json`` under ``root``: one row per backbone,
-    mode and checkpoint, one column per dataset, plus their mean (mIoU, percent)."""
-    rows: dict[str, dict[str, float]] = {}
-    for path in sorted(Path(root).rglob("eval_results.json")):
-        results = json.loads(path.read_text())
-        rows.setdefault(_row_label(results), {})[results["dataset"]] = results["miou"]
-    if not rows:
-        raise FileNotFoundError(f"no eval_results.json under {root}")
-    datasets = sorted({name for row in rows.values() for name in row})
-    lines = [
-        "| setting | " + " | ".join(datasets) + " | mean |",
-        "|---|" + "---|" * (len(datasets) + 1),
-    ]
-    for label, row in rows.items():
-        cells = [f"{row[d]:.1f}" if d in row else "" for d in datasets]
-        mean = f"{sum(row.values()) / len(row):.1f}" if len(row) == len(datasets) else ""
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
-    return "\n".join(lines)

@@ -58,6 +58,7 @@ def extract(cfg: DictConfig) -> None:
             "checkpoint": cfg.checkpoint,
             "features": cfg.features,
         },
+        settings={"backbone": {"name": cfg.backbone.name}, "features": cfg.features},
         overwrite=cfg.overwrite,
     )
     report = compile_report(backbone)

@@ -15,6 +15,7 @@ from spar.config import reject_renamed_overrides
 from spar.data import SAMPLE_IMAGES, list_images
 from spar.features import extract_features
 from spar.models import SlidingWindowTeacher
+from spar.provenance import ProvenanceError
 from spar.segmentation import OpenVocabSegmenter
 from spar.viz import feature_picture, segmentation_picture
 
@@ -87,21 +88,27 @@ def test_extract_features_script_writes_and_resumes(tmp_path, tiny_backbone):
         "extract_features.py", *common, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path
     )
     assert "2 written, 0 kept, 1 skipped" in first.stdout
-    path = tmp_path / "features" / "sub" / "cat.safetensors"
+    path = tmp_path / "features" / "sub" / "cat.jpg.safetensors"
+    assert (
+        json.loads((tmp_path / "features" / "fingerprint.json").read_text())["fingerprint"][
+            "features"
+        ]
+        == "student"
+    )
     with safe_open(str(path), framework="pt") as file:
         features = file.get_tensor("features")
         info = json.loads(file.metadata()["info"])
     assert features.dtype == torch.float16 and features.shape == (64, 6, 8)
     assert info["input_size"] == [85, 128] and info["backbone"]["name"] == "tiny"
 
-    # Resuming (in process: a second script run costs seconds of start-up) keeps what is there,
-    # whatever the source; overwrite=True writes the teacher's features over the student's.
+    # Resuming (in process: a second script run costs seconds of start-up) with another source
+    # is refused, naming what differs; overwrite=True writes the teacher's features instead.
     teacher = SlidingWindowTeacher(tiny_backbone, window=64, stride=24)
     options = {"mean": tiny_backbone.mean, "std": tiny_backbone.std, "bounds": (128, 96)}
     resume = [teacher, list_images(images), images, tmp_path / "features"]
-    with pytest.warns(UserWarning, match="broken.png"):
-        counts = extract_features(*resume, **options, show_progress=False)
-    assert (counts["written"], counts["kept"], counts["skipped"]) == (0, 2, 1)
+    refused = r"features: student -> null.*stride: null -> \[24, 24\].*weights: "
+    with pytest.raises(ProvenanceError, match=refused):
+        extract_features(*resume, **options, show_progress=False)
     with pytest.warns(UserWarning, match="broken.png"):
         counts = extract_features(*resume, **options, overwrite=True, show_progress=False)
     assert (counts["written"], counts["kept"]) == (2, 0)

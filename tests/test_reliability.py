@@ -374,7 +374,7 @@ def test_eval_writes_per_image_scores_and_resumes_after_a_crash(tmp_path, monkey
     cfg = eval_config(f"dataset.root={root}")
     complete = run_evaluation(cfg, tmp_path / "complete")
     lines = (tmp_path / "complete" / "per_image.jsonl").read_text().splitlines()
-    assert len(lines) == 5 and "signature" in json.loads(lines[0])
+    assert len(lines) == 5 and "fingerprint" in json.loads(lines[0])
     assert sum(json.loads(line)["pixels"] for line in lines[1:]) > 0
 
     from spar.segmentation import OpenVocabSegmenter
@@ -392,7 +392,7 @@ def test_eval_writes_per_image_scores_and_resumes_after_a_crash(tmp_path, monkey
         with pytest.raises(RuntimeError, match="out of memory"):
             run_evaluation(cfg, tmp_path / "crashed")
     kept = (tmp_path / "crashed" / "per_image.jsonl").read_text().splitlines()
-    assert len(kept) == 3  # the signature and the two images scored before the crash
+    assert len(kept) == 3  # the fingerprint and the two images scored before the crash
     resumed = run_evaluation(cfg, tmp_path / "crashed")
     assert resumed["resumed_images"] == 2 and resumed["num_images"] == 4
     assert resumed["miou"] == complete["miou"]
@@ -411,12 +411,12 @@ def test_per_image_scores_survive_two_crashes_in_a_row(tmp_path):
 
     context = DistributedContext()
     first = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
-    first.write({"name": "a", "skipped": "test"})
+    first.write({"image": "a", "skipped": "test"})
     with first.path.open("a", encoding="utf-8") as file:
-        file.write('{"name": "b", "pix')  # killed mid-line
+        file.write('{"image": "b", "pix')  # killed mid-line
     second = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
     assert set(second.done) == {"a"}
-    second.write({"name": "b", "skipped": "test"})
+    second.write({"image": "b", "skipped": "test"})
     third = PerImageResults(tmp_path, {"dataset": "voc21"}, context)
     assert set(third.done) == {"a", "b"}
     lines = first.path.read_text(encoding="utf-8").splitlines()

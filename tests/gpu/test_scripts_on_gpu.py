@@ -197,7 +197,7 @@ def test_extract_features_script(tmp_path, scene_images, device_name, features, 
     assert (summary["written"], summary["kept"], summary["skipped"]) == (3, 0, 0)
     assert (summary["compile"] is not None) == (features == "student")
     files = sorted(out.glob("*.safetensors"))
-    assert [f.stem for f in files] == sorted(p.stem for p in scene_images.glob("*.jpg"))
+    assert [f.stem for f in files] == sorted(p.name for p in scene_images.glob("*.jpg"))
     for path in files:
         stored = assert_finite_tensors(path)["features"]
         with safe_open(str(path), "pt") as file:
