@@ -27,6 +27,7 @@ COMMANDS = {
     "spar-speed": "spar.speed:main",
     "spar-app": "spar.app:main",
     "spar-collect": "spar.collect:main",
+    "spar-export": "spar.export_onnx:main",
 }
 COMMAND_MODULES = {target.split(":")[0] for target in COMMANDS.values()}
 MOVED = {"spar.speed", "spar.app", "spar.demo", "spar.fault_trials"}  # now spar.tools.*

@@ -11,6 +11,10 @@ resampled as ``Mh @ grid @ Mw^T`` per channel with cached float64 matrices (two 
 instead of ``upsample_bicubic2d``, half the GPU time of a single pass on an H100), and
 :class:`ResampledPositions` keeps the resampled table of a frozen embedding, so a forward at a
 size seen before does no resampling at all.
+
+Under ``torch.export`` (the ONNX export of :mod:`spar.export`) the target grid is symbolic, so
+the matrices are built from it with tensor operations instead (:func:`traced_bicubic_matrix`,
+the same float64 arithmetic): the exported graph resamples for whatever size it is given.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ CUBIC_A = -0.75
 
 Grid = tuple[int, int]
 Resample = Callable[[torch.Tensor, Grid, Grid], torch.Tensor]
+StepOf = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_grid(grid_tokens: torch.Tensor, source_grid: Grid) -> None:
@@ -92,6 +97,62 @@ def interpolation_matrix(
     return _cached_bicubic_matrix(source, target, step, device)
 
 
+def traced_bicubic_matrix(
+    source: int, target: int | torch.SymInt, step_of: StepOf, device: torch.device
+) -> torch.Tensor:
+    """(target, source) float64 :func:`bicubic_rows` from tensor operations, for a symbolic
+    ``target`` (``torch.export``): ``step_of`` maps the (1,) float64 target length to the (1,)
+    inverse scale. The arithmetic is :func:`bicubic_rows`' in the same order, so the weights are
+    the same doubles."""
+    outputs = torch.arange(target, dtype=torch.float64, device=device)
+    # The length as a (1,) tensor: no Python arithmetic on a symbolic size (a reduction, as a
+    # slice's length would be a symbolic expression torch.export cannot simplify to 1).
+    step = step_of(outputs.amax(0, keepdim=True) + 1)
+    x = step * (outputs + 0.5) - 0.5
+    index = torch.floor(x).clamp(max=source - 1)
+    frac = (x - index).clamp(0.0, 1.0)
+    columns = torch.arange(source, dtype=torch.float64, device=device)
+    a = CUBIC_A
+
+    def near(d: torch.Tensor) -> torch.Tensor:
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: torch.Tensor) -> torch.Tensor:
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = (far(frac + 1), near(frac), near(1 - frac), far(2 - frac))
+    matrix = torch.zeros_like(x)[:, None] * columns  # (target, source) zeros
+    for offset, weight in enumerate(weights, start=-1):
+        tap = (index + offset).clamp(0, source - 1)
+        matrix = matrix + weight[:, None] * (tap[:, None] == columns).to(torch.float64)
+    return matrix
+
+
+def _traced_resample(
+    grid_tokens: torch.Tensor, source_grid: Grid, target_grid: Grid, step_ofs: tuple
+) -> torch.Tensor:
+    """:func:`resample_grid` with :func:`traced_bicubic_matrix` matrices; shapes as there."""
+    _check_grid(grid_tokens, source_grid)
+    rows, cols = (
+        traced_bicubic_matrix(s, t, step_of, grid_tokens.device)
+        for s, t, step_of in zip(source_grid, target_grid, step_ofs, strict=True)
+    )
+    grid = grid_tokens.to(torch.float64).unflatten(0, source_grid).permute(2, 0, 1)
+    grid = rows @ grid @ cols.T  # (C, th, tw)
+    return grid.permute(1, 2, 0).flatten(0, 1).to(grid_tokens.dtype)
+
+
+def _scale_step(source: int) -> StepOf:
+    # 1 at the source length, where the eager path returns the table unchanged: identity rows.
+    return lambda target: torch.where(
+        target == source, 1.0, 1.0 / ((target + DINO_SCALE_OFFSET) / source)
+    )
+
+
+def _size_step(source: int) -> StepOf:
+    return lambda target: source / target
+
+
 def resample_grid(
     grid_tokens: torch.Tensor, source_grid: Grid, target_grid: Grid, steps: tuple[float, float]
 ) -> torch.Tensor:
@@ -136,6 +197,9 @@ def resample_pos_embed_by_scale(
     Returns:
         (th * tw, C) embeddings.
     """
+    if torch.compiler.is_exporting():
+        steps_of = tuple(_scale_step(s) for s in source_grid)
+        return _traced_resample(grid_tokens, source_grid, target_grid, steps_of)
     if tuple(target_grid) == tuple(source_grid):
         return grid_tokens
     steps = tuple(
@@ -150,6 +214,9 @@ def resample_pos_embed_to_size(
     """Resample to an explicit target size (SigLIP2 convention: what timm's
     ``resample_abs_pos_embed`` computes without antialiasing); shapes as in
     :func:`resample_pos_embed_by_scale`."""
+    if torch.compiler.is_exporting():
+        steps_of = tuple(_size_step(s) for s in source_grid)
+        return _traced_resample(grid_tokens, source_grid, target_grid, steps_of)
     if tuple(target_grid) == tuple(source_grid):
         return grid_tokens
     steps = tuple(s / t for t, s in zip(target_grid, source_grid, strict=True))
