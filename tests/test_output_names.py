@@ -145,3 +145,15 @@ def test_one_row_and_dataset_from_two_fingerprints_is_never_merged(tmp_path):
     (tmp_path / "b" / "eval_results.json").unlink()
     _result(tmp_path, "c", "voc20", 70.0, weights="w1")  # the same evaluation, copied: one cell
     assert len(collect_results(tmp_path).splitlines()) == 3
+
+
+def test_spar_collect_ends_with_one_error_line_naming_both_files(tmp_path, capsys):
+    from spar.collect import main
+
+    _result(tmp_path, "a", "voc20", 70.0, weights="w1")
+    _result(tmp_path, "b", "voc20", 70.0, weights="w1", **{"dataset.logit_scale": 50})
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path)])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "a/eval_results.json and " in message and "dataset.logit_scale: null -> 50" in message
