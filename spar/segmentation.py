@@ -17,6 +17,7 @@ from .config import SettingError, renamed_arguments
 from .deprecations import attribute_deprecation
 from .imaging import to_model_input
 from .models.base import check_images
+from .protocol import PROTOCOL
 from .utils import module_device
 
 Template = Callable[[str], str]
@@ -192,7 +193,7 @@ def _encode_prompts(encode_text: TextEncoder, prompts: list[str], batch_size: in
 def build_text_classifier(
     encode_text: TextEncoder,
     classes: Sequence[ClassEntry],
-    templates: str | Sequence[Template] = "imagenet80",
+    templates: str | Sequence[Template] = PROTOCOL.templates,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-ensemble text embeddings of every name of every class.
@@ -262,6 +263,9 @@ class OpenVocabSegmenter(nn.Module):
     (per image, small foreground classes lose their pixels to the next best class), then
     ``prob_threshold`` (pixels whose best probability is below it become class 0).
 
+    The defaults of ``logit_scale``, ``logit_bias``, the thresholds and ``templates`` are the
+    evaluation protocol's, :data:`spar.protocol.PROTOCOL`.
+
     Args:
         dense: the dense-feature source, ``(B, 3, H, W) float -> (B, C, h, w)`` (a backbone, or
             a sliding-window teacher).
@@ -289,11 +293,11 @@ class OpenVocabSegmenter(nn.Module):
         dense: DenseFeatures,
         encode_text: TextEncoder,
         classes: Sequence[ClassEntry],
-        logit_scale: float = 40.0,
-        logit_bias: float = 0.0,
-        prob_threshold: float | None = None,
-        area_threshold: float | None = None,
-        templates: str | Sequence[Template] = "imagenet80",
+        logit_scale: float = PROTOCOL.logit_scale,
+        logit_bias: float = PROTOCOL.logit_bias,
+        prob_threshold: float | None = PROTOCOL.prob_threshold,
+        area_threshold: float | None = PROTOCOL.area_threshold,
+        templates: str | Sequence[Template] = PROTOCOL.templates,
         refiner: nn.Module | None = None,
         upsampler: nn.Module | None = None,
     ) -> None:

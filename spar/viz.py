@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import renamed_arguments
 from .imaging import ImageInput, prepare_images
+from .protocol import PROTOCOL
 from .segmentation import OpenVocabSegmenter, display_names
 from .utils import module_device
 
@@ -185,11 +186,12 @@ def segmentation_picture(
     classes: Sequence[str | Sequence[str]],
     *,
     dense: nn.Module | None = None,
-    bounds: Sequence[int] | None = (2048, 672),
-    templates: str | Sequence[Callable[[str], str]] = "imagenet80",
-    logit_scale: float = 40.0,
-    prob_threshold: float | None = None,
-    area_threshold: float | None = None,
+    bounds: Sequence[int] | None = PROTOCOL.bounds,
+    templates: str | Sequence[Callable[[str], str]] = PROTOCOL.templates,
+    logit_scale: float = PROTOCOL.logit_scale,
+    logit_bias: float = PROTOCOL.logit_bias,
+    prob_threshold: float | None = PROTOCOL.prob_threshold,
+    area_threshold: float | None = PROTOCOL.area_threshold,
     refiner: nn.Module | None = None,
     upsampler: nn.Module | None = None,
 ) -> tuple[Image.Image, torch.Tensor]:
@@ -202,6 +204,8 @@ def segmentation_picture(
         classes: class entries, each a name or synonyms (``"person, pedestrian"``).
         dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
         templates: prompt templates (a set name of ``spar.segmentation.TEMPLATE_SETS``).
+        bounds, templates, logit_scale, logit_bias, prob_threshold, area_threshold: default to
+            the evaluation protocol's (:data:`spar.protocol.PROTOCOL`).
         refiner, upsampler: optional refinement stages (``spar.refine.build_stages``).
     """
     pixels, inputs = _prepared(backbone, image, bounds)
@@ -211,6 +215,7 @@ def segmentation_picture(
         dense=dense,
         templates=templates,
         logit_scale=logit_scale,
+        logit_bias=logit_bias,
         prob_threshold=prob_threshold,
         area_threshold=area_threshold,
         refiner=refiner,
@@ -228,7 +233,7 @@ def feature_picture(
     image: ImageInput,
     *,
     dense: nn.Module | None = None,
-    bounds: Sequence[int] | None = (2048, 672),
+    bounds: Sequence[int] | None = PROTOCOL.bounds,
 ) -> Image.Image:
     """The image beside the PCA of the backbone's single pass, and of ``dense`` (another
     dense-feature source, e.g. a ``SlidingWindowTeacher``) in the same colour basis."""

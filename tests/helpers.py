@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+import spar.configs  # noqa: F401 (registers the structured configs the YAML files name)
 from spar.data.benchmarks import SegmentationBenchmark
 from spar.distill import run_distillation
 from spar.distributed import register_run_id_resolver

@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -191,15 +190,6 @@ def test_configs_compose_with_the_documented_overrides(tmp_path):
     assert extended.train_images.augment.min_crop == 512
     with pytest.raises(MissingMandatoryValue, match="root"):
         OmegaConf.to_container(train_config(tmp_path, "train_images=sa1b"), throw_on_missing=True)
-
-
-def test_train_yaml_repeats_the_settings_defaults_exactly():
-    """``OptimSettings``/``TrainerSettings`` hold the defaults; train.yaml spells them out."""
-    written = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
-    optim = asdict(OptimSettings())
-    optim["betas"] = list(optim["betas"])
-    assert written["optim"] == optim
-    assert written["trainer"] == asdict(TrainerSettings())
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import CONFIGS, eval_config, write_benchmark
+from helpers import eval_config, write_benchmark
+from omegaconf import OmegaConf
 
 from spar.data.images import load_image, resize_to_fit
 from spar.evaluation import run_evaluation
@@ -131,7 +131,7 @@ def test_propagation_tolerance_is_relative_to_the_right_hand_side():
 
 def test_lposs_defaults_are_the_published_solver_and_input_size():
     lposs = LPOSS(torch.nn.Identity())
-    config = yaml.safe_load((CONFIGS / "refine" / "lposs.yaml").read_text())
+    config = OmegaConf.to_container(eval_config("refine=lposs").refine)  # as Hydra composes it
     for settings in (vars(lposs), config):
         assert settings["max_iter"] == 10
         assert settings["tol"] == 1e-6

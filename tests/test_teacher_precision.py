@@ -4,7 +4,7 @@ config value as a cap), and the compiled window forward."""
 import pytest
 import torch
 from helpers import CONFIGS, train_config
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from spar.distill import prepare
@@ -113,7 +113,8 @@ def test_training_teacher_takes_the_training_precision_and_leaves_the_student(
 
 
 def test_the_config_gives_the_cap_and_the_compile_switch(tiny_backbone):
-    settings = OmegaConf.load(CONFIGS / "teacher" / "sliding_window.yaml")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        settings = compose("teacher/sliding_window").teacher  # as Hydra composes it
     teacher = build_teacher(tiny_backbone, settings)
     assert (teacher.batch_size, teacher.compile_mode) == (32, False)
 

@@ -1,8 +1,11 @@
 """Settings of a distillation run: the single source of the optimizer and loop defaults, and the
 check of a whole training config that runs before any long work.
 
-``configs/train.yaml`` spells the same defaults out (with comments) under ``optim`` and
-``trainer``; a test keeps the two equal. :func:`check_training_config` checks every value a run
+:class:`OptimSettings` and :class:`TrainerSettings` are also the structured configs of
+``optim`` and ``trainer`` in ``configs/train.yaml`` (registered by :mod:`spar.configs` as
+``schema/optim`` and ``schema/trainer``): the YAML writes only values that differ from these
+defaults. Types are loose where several forms are accepted (``betas``, ``grad_clip``), so that
+the checks here give the errors. :func:`check_training_config` checks every value a run
 reads (``trainer``, ``optim``, ``teacher``, ``train_images``, ``heldout``, ``resume``,
 ``max_image_pixels``) and names the key and the value of the first bad one, so a typo fails in
 seconds instead of after the teacher-cache fill.
@@ -31,7 +34,7 @@ class OptimSettings:
 
     lr: float = 2e-5
     weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Any = (0.9, 0.999)  # two numbers in [0, 1); a list from a config
     schedule: str = "constant"  # constant | cosine (to zero)
     warmup_steps: int = 0
 
@@ -82,7 +85,7 @@ class TrainerSettings:
 
     epochs: int = 10
     accumulate: int = 1
-    grad_clip: float | None = None
+    grad_clip: Any = None  # a number > 0, or None
     precision: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 0

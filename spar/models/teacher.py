@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -42,6 +42,28 @@ from .compiling import check_compile_setting, compile_mode
 
 FREE_MEMORY_FRACTION = 0.8  # of the free CUDA memory that window batches may take
 PROBE_WINDOWS = 4  # windows run to measure the memory of one window (CUDA)
+
+
+@dataclass
+class TeacherSettings:
+    """The ``configs/teacher`` node (the structured config :mod:`spar.configs` registers as
+    ``schema/teacher``) and the one place the teacher's defaults are written.
+
+    Types are loose where several forms are accepted (``stride: 24`` or ``[24, 32]``, ``compile:
+    false`` or a mode name): :func:`check_teacher_settings` gives the one-line errors.
+
+    Attributes:
+        window: window side or (h, w) in pixels; ``None``: the backbone's native size.
+        stride: pixels between windows, an int or (sy, sx); at most the window.
+        batch_size: the cap on windows per forward (fewer on CUDA when free memory is short).
+        compile: ``torch.compile`` the window forward: ``False``, ``True``,
+            ``"reduce-overhead"`` or ``"max-autotune"``.
+    """
+
+    window: Any = None
+    stride: Any = 24
+    batch_size: int = 32
+    compile: Any = False
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -285,8 +307,8 @@ class SlidingWindowTeacher(nn.Module):
         window: window size (int or (h, w)); defaults to ``backbone.native_size``. Must be a
             multiple of the patch size.
         stride: step between windows in pixels (int or (sy, sx)); need not be a multiple of the
-            patch size (24 by default), and must not exceed the window, so that every pixel is
-            covered.
+            patch size, and must not exceed the window, so that every pixel is covered.
+            Defaults: :class:`TeacherSettings`.
         batch_size: the cap on windows per forward (fewer on CUDA when memory is short).
         dtype: floating dtype of the window weights; ``None``: the backbone as it is.
         compile: ``False``, ``True``, ``"reduce-overhead"`` or ``"max-autotune"``.
@@ -298,11 +320,11 @@ class SlidingWindowTeacher(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        window: int | tuple[int, int] | None = None,
-        stride: int | tuple[int, int] = 24,
-        batch_size: int = 32,
+        window: int | tuple[int, int] | None = TeacherSettings.window,
+        stride: int | tuple[int, int] = TeacherSettings.stride,
+        batch_size: int = TeacherSettings.batch_size,
         dtype: torch.dtype | None = None,
-        compile: bool | str = False,
+        compile: bool | str = TeacherSettings.compile,
         copy_backbone: bool = True,
     ) -> None:
         super().__init__()
@@ -468,7 +490,8 @@ class SlidingWindowTeacher(nn.Module):
         return self._chunk_sizes[window]
 
 
-TEACHER_SETTINGS = ("window", "stride", "batch_size", "compile")
+#: The keys of a ``configs/teacher`` node that :func:`build_teacher` reads.
+TEACHER_SETTINGS = tuple(field.name for field in fields(TeacherSettings))
 
 
 def check_teacher_settings(
@@ -488,8 +511,8 @@ def check_teacher_settings(
 
     settings = settings or {}
     try:
-        stride = _pair(settings.get("stride", 24), f"{key}.stride")
-        window_value = settings.get("window")
+        stride = _pair(settings.get("stride", TeacherSettings.stride), f"{key}.stride")
+        window_value = settings.get("window", TeacherSettings.window)
         if window_value is None:
             native = backbone_entry(backbone).config.native_size
             window, where = (native, native), f" (the {backbone} backbone's native size)"
@@ -502,8 +525,8 @@ def check_teacher_settings(
             f"{key}.stride {list(stride)} is larger than {key}.window {list(window)}{where}: "
             "pixels between windows would be left uncovered; use a stride of at most the window"
         )
-    require_int(f"{key}.batch_size", settings.get("batch_size", 32), 1)
-    check_compile_setting(settings.get("compile", False), f"{key}.compile")
+    require_int(f"{key}.batch_size", settings.get("batch_size", TeacherSettings.batch_size), 1)
+    check_compile_setting(settings.get("compile", TeacherSettings.compile), f"{key}.compile")
 
 
 def build_teacher(
@@ -522,7 +545,7 @@ def build_teacher(
         settings: ``window`` (``None``: the backbone's native size), ``stride``, ``batch_size``
             (the cap on windows per forward) and ``compile``; other keys (e.g. the training
             cache's) are not the teacher's and are ignored. Missing keys take
-            :class:`SlidingWindowTeacher`'s defaults.
+            :class:`TeacherSettings`'s defaults.
         precision: ``fp32`` (the backbone as it is), ``bf16``, ``fp16`` or ``auto`` (bf16 on a
             CUDA device that supports it), resolved on the backbone's device by
             :func:`spar.utils.autocast_dtype`; a low precision gives the teacher a copy of the

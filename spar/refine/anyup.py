@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RELEASE_URL = (
     "https://github.com/wimmerth/anyup/releases/download/checkpoint_v2/anyup_multi_backbone.pth"
 )
+#: The ``weights`` setting of the refinement stages that names their published weights.
+HUB = "hub"
+
+
+@dataclass
+class AnyUpSettings:
+    """The ``configs/upsample/anyup`` node (the structured config :mod:`spar.configs`
+    registers as ``schema/anyup``) and the one place AnyUp's defaults are written.
+
+    Attributes:
+        name: the stage (``spar.refine.UPSAMPLE_NAMES``).
+        weights: ``hub`` (the authors' released weights, torch hub cache), a local file, or
+            ``None`` (random weights: timing only).
+        chunk_size: output pixels attended at a time (bounds the attention memory).
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    name: str = "anyup"
+    weights: Any = HUB
+    chunk_size: int = 16384
+    precision: str = "auto"
 
 
 class _ResidualBlock(nn.Module):
@@ -232,7 +255,7 @@ class AnyUp(nn.Module):
     def __init__(
         self,
         window_ratio: float = WINDOW_RATIO,
-        chunk_size: int = 16384,
+        chunk_size: int = AnyUpSettings.chunk_size,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()

@@ -1,17 +1,18 @@
 """The refinement stages from configuration (``configs/refine``, ``configs/upsample``).
 
-``refine``: ``{name: none | lposs | lposs_plus, affinity: {model, weights, options}, window,
-stride, short_side, long_side, k, gamma, sigma, alpha, tol, max_iter, neighbourhood, tau,
-lab_scale, batch_size, knn_block}``. ``upsample``: ``{name: bilinear | anyup, weights, chunk_size,
-precision}``. ``weights`` is ``hub`` (the published weights, downloaded once into the hub
-cache), a local file, read by :func:`spar.models.weights.read_weight_file` (no code runs; NaN,
-inf or non-floating weights are refused), or ``null`` (random weights: for timing the stages,
-never for results). ``affinity.options`` may not name a file for timm to read
+``refine``: ``{name: none | lposs | lposs_plus, ...}``, the fields of
+:class:`~spar.refine.lposs.LPOSSSettings`. ``upsample``: ``{name: bilinear | anyup, ...}``,
+the fields of :class:`~spar.refine.anyup.AnyUpSettings`. Those dataclasses hold the defaults
+(a missing key takes its default). ``weights`` is ``hub`` (the published weights, downloaded
+once into the hub cache), a local file, read by :func:`spar.models.weights.read_weight_file`
+(no code runs; NaN, inf or non-floating weights are refused), or ``null`` (random weights: for
+timing the stages, never for results). ``affinity.options`` may not name a file for timm to read
 (``checkpoint_path``, a ``file`` in ``pretrained_cfg``/``pretrained_cfg_overlay``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,32 +21,15 @@ import torch
 from torch import nn
 
 from ..models.weights import load_state_dict_strict, read_state_dict
-from .anyup import RELEASE_URL, AnyUp
-from .lposs import LPOSS, AffinityBackbone
+from .anyup import HUB, RELEASE_URL, AnyUp, AnyUpSettings
+from .lposs import LPOSS, LPOSS_OPTIONS, AffinityBackbone, AffinitySettings
 from .upsample import AnyUpUpsampler
 
 #: The ``refine.name`` values (``spar/configs/refine``): no refinement, LPOSS, LPOSS+.
 REFINE_NAMES = ("none", "lposs", "lposs_plus")
 #: The ``upsample.name`` values (``spar/configs/upsample``): bilinear, AnyUp.
 UPSAMPLE_NAMES = ("bilinear", "anyup")
-HUB = "hub"
-_LPOSS_SETTINGS = (
-    "window",
-    "stride",
-    "short_side",
-    "long_side",
-    "k",
-    "gamma",
-    "sigma",
-    "alpha",
-    "tol",
-    "max_iter",
-    "neighbourhood",
-    "tau",
-    "lab_scale",
-    "batch_size",
-    "knn_block",
-)
+_ANYUP_SETTINGS = tuple(field.name for field in dataclasses.fields(AnyUpSettings))
 
 
 def _name(settings: Mapping[str, Any] | None, key: str, names: tuple[str, ...]) -> str:
@@ -102,14 +86,14 @@ def check_stage_settings(
         FileNotFoundError: a weight file is missing (the message names it and its config key).
     """
     if _name(refine, "refine", REFINE_NAMES) != "none":
-        unknown = sorted(set(refine) - {"name", "affinity", *_LPOSS_SETTINGS})
+        unknown = sorted(set(refine) - {"name", "affinity", *LPOSS_OPTIONS})
         if unknown:
             raise ValueError(f"unknown refine setting(s) {', '.join(unknown)}")
         affinity = refine.get("affinity", {})
         check_timm_options(affinity.get("options"), "refine.affinity.options")
         _local_weights(affinity.get("weights"), "refine.affinity.weights")
     if _name(upsample, "upsample", UPSAMPLE_NAMES) == "anyup":
-        unknown = sorted(set(upsample) - {"name", "weights", "chunk_size", "precision"})
+        unknown = sorted(set(upsample) - set(_ANYUP_SETTINGS))
         if unknown:
             raise ValueError(f"unknown upsample setting(s) {', '.join(unknown)}")
         _local_weights(upsample.get("weights"), "upsample.weights")
@@ -153,7 +137,7 @@ def build_affinity_backbone(settings: Mapping[str, Any]) -> AffinityBackbone:
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    weights = settings.get("weights", HUB)
+    weights = settings.get("weights", AffinitySettings.weights)
     check_timm_options(settings.get("options"), "refine.affinity.options")
     path = _local_weights(weights, "refine.affinity.weights")
     model = timm.create_model(
@@ -182,12 +166,15 @@ def build_refiner(
     if name == "none":
         return None
     check_stage_settings(settings, None)
-    options = {key: settings[key] for key in _LPOSS_SETTINGS if key in settings}
-    affinity = build_affinity_backbone(settings["affinity"])
+    options = {key: settings[key] for key in LPOSS_OPTIONS if key in settings}
+    affinity = build_affinity_backbone(settings.get("affinity") or vars(AffinitySettings()))
     return LPOSS(affinity, pixel_refine=name == "lposs_plus", **options).to(device)
 
 
-def load_anyup(weights: str | Path | None = HUB, chunk_size: int = 16384) -> AnyUp:
+def load_anyup(
+    weights: str | Path | None = AnyUpSettings.weights,
+    chunk_size: int = AnyUpSettings.chunk_size,
+) -> AnyUp:
     """AnyUp with the released multi-backbone weights (``hub``) or a local file, loaded
     strictly (``None``: random weights, for timing only)."""
     model = AnyUp(chunk_size=chunk_size)
@@ -205,8 +192,12 @@ def build_upsampler(
     """The ``upsample`` stage on ``device`` (``None`` for ``bilinear``)."""
     if _name(settings, "upsample", UPSAMPLE_NAMES) == "bilinear":
         return None
-    model = load_anyup(settings.get("weights", HUB), settings.get("chunk_size", 16384))
-    return AnyUpUpsampler(model, settings.get("precision", "auto")).to(device)
+    defaults = AnyUpSettings
+    model = load_anyup(
+        settings.get("weights", defaults.weights),
+        settings.get("chunk_size", defaults.chunk_size),
+    )
+    return AnyUpUpsampler(model, settings.get("precision", defaults.precision)).to(device)
 
 
 def build_stages(config: Mapping[str, Any], device: torch.device | str = "cpu") -> dict:

@@ -19,6 +19,8 @@ started from the stage-1 scores (:class:`spar.refine.graph.PixelGraph`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..imaging import resize_to_fit, to_model_input
 from ..models.teacher import window_offsets
+from .anyup import HUB
 from .colour import rgb_to_lab
 from .graph import PixelGraph, knn_patch_graph, propagate
 
@@ -35,6 +38,69 @@ Classify = Callable[[torch.Tensor], torch.Tensor]
 """(B, C, h', w') features -> (B, M, h', w') class scores (raw cosines)."""
 ToPixels = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(pixels (B, 3, h, w), features (B, C, h', w'), scores (B, M, h', w')) -> (B, M, h, w)."""
+
+
+@dataclass
+class AffinitySettings:
+    """``refine.affinity``: the affinity backbone of LPOSS.
+
+    Attributes:
+        model: a timm ViT name (its last block's value features are the affinities).
+        weights: ``hub`` (timm's published weights, Hugging Face hub cache), a local
+            .safetensors/.pth file, or ``None`` (random weights: timing only).
+        options: extra ``timm.create_model`` arguments, e.g. a tiny ViT's
+            ``{embed_dim: 64, depth: 2, num_heads: 2}``; none that names a file.
+    """
+
+    model: str = "vit_base_patch16_224.dino"
+    weights: Any = HUB
+    options: Any = None
+
+
+@dataclass
+class LPOSSSettings:
+    """The ``configs/refine/lposs`` node (the structured config :mod:`spar.configs` registers
+    as ``schema/lposs``; ``lposs_plus`` extends it) and the one place LPOSS's defaults are
+    written: the published ViT-B/16 settings (see :class:`LPOSS`, which takes every field but
+    ``name`` and ``affinity`` as a keyword argument).
+
+    Attributes:
+        name: ``lposs`` or ``lposs_plus`` (LPOSS+: the pixel stage too).
+        affinity: the affinity backbone (:class:`AffinitySettings`).
+        window, stride: window side and pixels between windows.
+        short_side, long_side: the image is resized once to fit (long_side, short_side);
+            ``short_side=None``: the evaluation size.
+        k: neighbours per patch in the kNN graph (inner product).
+        gamma, sigma: edge weight ``max(sim, 0)^gamma * exp(-sigma * pixel distance)``.
+        alpha: ``(I - alpha Wn) Z = Y`` is solved per class.
+        tol, max_iter: conjugate-gradient tolerance (relative to ||Y||) and iterations.
+        neighbourhood, tau, lab_scale: LPOSS+ only: odd side of each pixel's neighbourhood,
+            edge weight ``exp(-||Lab_i - Lab_j|| / tau)``, Lab divided by ``lab_scale``.
+        batch_size: windows per forward of the label source and the affinity backbone.
+        knn_block: rows per block of the kNN search (bounds its memory).
+    """
+
+    name: str = "lposs"
+    affinity: AffinitySettings = field(default_factory=AffinitySettings)
+    window: int = 224
+    stride: int = 112
+    short_side: int | None = 448
+    long_side: int = 2048
+    k: int = 400
+    gamma: float = 3.0
+    sigma: float = 0.01
+    alpha: float = 0.95
+    tol: float = 1e-6
+    max_iter: int = 10
+    neighbourhood: int = 13
+    tau: float = 0.01
+    lab_scale: Any = (100.0, 128.0, 128.0)
+    batch_size: int = 32
+    knn_block: int = 4096
+
+
+#: The :class:`LPOSS` keyword arguments a ``refine`` node may set.
+LPOSS_OPTIONS = tuple(f.name for f in fields(LPOSSSettings) if f.name not in ("name", "affinity"))
 
 
 class AffinityBackbone(nn.Module):
@@ -96,6 +162,8 @@ class LPOSS(nn.Module):
     e489a7445528922ddfe4e39631ef2fe34827c873, for both stages); LPOSS+: 13x13 neighbourhoods,
     ``tau`` = 0.01, Lab scaled by (100, 128, 128).
 
+    The defaults are written once, in :class:`LPOSSSettings`.
+
     Shapes: :meth:`forward` takes pixels (B, 3, H, W) in [0, 1] and returns (B, M, H', W')
     float32 propagated scores at the working size (H', W'): the size that fits the bounds.
 
@@ -115,22 +183,22 @@ class LPOSS(nn.Module):
         self,
         affinity: nn.Module,
         *,
-        window: int = 224,
-        stride: int = 112,
-        short_side: int | None = 448,
-        long_side: int = 2048,
-        k: int = 400,
-        gamma: float = 3.0,
-        sigma: float = 0.01,
-        alpha: float = 0.95,
-        tol: float = 1e-6,
-        max_iter: int = 10,
+        window: int = LPOSSSettings.window,
+        stride: int = LPOSSSettings.stride,
+        short_side: int | None = LPOSSSettings.short_side,
+        long_side: int = LPOSSSettings.long_side,
+        k: int = LPOSSSettings.k,
+        gamma: float = LPOSSSettings.gamma,
+        sigma: float = LPOSSSettings.sigma,
+        alpha: float = LPOSSSettings.alpha,
+        tol: float = LPOSSSettings.tol,
+        max_iter: int = LPOSSSettings.max_iter,
         pixel_refine: bool = False,
-        neighbourhood: int = 13,
-        tau: float = 0.01,
-        lab_scale: Sequence[float] = (100.0, 128.0, 128.0),
-        batch_size: int = 32,
-        knn_block: int = 4096,
+        neighbourhood: int = LPOSSSettings.neighbourhood,
+        tau: float = LPOSSSettings.tau,
+        lab_scale: Sequence[float] = LPOSSSettings.lab_scale,
+        batch_size: int = LPOSSSettings.batch_size,
+        knn_block: int = LPOSSSettings.knn_block,
     ) -> None:
         super().__init__()
         if window <= 0 or stride <= 0 or stride > window:
