@@ -30,6 +30,7 @@ NOT_SCORED = (
     "save_predictions",
     "checkpoint",
     "backbone.pretrained",
+    "backbone.trainable_blocks",  # which parameters would train: no score changes
     "dataset.root",
     "dataset.class_names",
     "teacher.batch_size",

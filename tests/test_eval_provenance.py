@@ -2,11 +2,12 @@
 fingerprint on the first line of per_image.jsonl, records keyed by the image's path relative to
 the dataset root, eval_results.json recording the fingerprint."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
-from helpers import eval_config, write_benchmark
+from helpers import ROOT, eval_config, write_benchmark
 from PIL import Image
 
 from spar import evaluation
@@ -131,3 +132,26 @@ def test_an_image_listed_twice_is_refused_naming_it(tmp_path):
     with pytest.raises(OutputCollisionError, match=r"2008_000000\.jpg .*listed twice"):
         evaluation.run_evaluation(eval_config(f"dataset.root={root}"), tmp_path / "run")
     assert not (tmp_path / "run" / "per_image.jsonl").exists()
+
+
+def test_the_fingerprint_holds_scored_settings_data_and_weights_only(tmp_path):
+    root = tmp_path / "city"
+    write_benchmark("cityscapes", root)
+    cfg = eval_config("dataset=cityscapes", f"dataset.root={root}", "num_workers=0")
+    evaluation.run_evaluation(cfg, tmp_path / "run")
+    first = (tmp_path / "run" / "per_image.jsonl").read_text().splitlines()[0]
+    fingerprint = json.loads(first)["fingerprint"]
+    for key in ("num_workers", "show_progress", "device", "compile", "save_predictions"):
+        assert key not in fingerprint
+    for key in ("checkpoint", "dataset.root", "dataset.class_names", "backbone.pretrained"):
+        assert key not in fingerprint  # their content is fingerprinted instead
+    assert not any(key.startswith("teacher.") for key in fingerprint)  # features=student
+    assert fingerprint["templates"] == "single" and fingerprint["dataset.logit_scale"] == 40
+    assert fingerprint["autocast"] == "float32"  # precision=auto on the CPU
+    assert fingerprint["data.images"].startswith("3 images, ")
+    assert fingerprint["data.labels"].startswith("3 images, ")
+    classes = (ROOT / "spar" / "assets" / "classes" / "cityscapes.txt").read_bytes()
+    assert fingerprint["data.class_names"] == hashlib.blake2b(classes, digest_size=16).hexdigest()
+    assert fingerprint["weights"] == weights_digest(create_backbone("tiny"))
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results["fingerprint"] == fingerprint
