@@ -72,7 +72,7 @@ def test_the_import_walk_resolves_relative_and_absolute_imports():
     # Known imports of files that stay as they are: the walk must see them (or the test below
     # could pass by seeing nothing).
     assert {"spar.tools.speed", "spar.tools"} <= imported_modules(PACKAGE / "speed.py")
-    assert "spar.timing.time_call" in imported_modules(PACKAGE / "tools" / "app.py")
+    assert "spar.timing.timed_call" in imported_modules(PACKAGE / "tools" / "app.py")
     assert "spar.distill.cache" in imported_modules(PACKAGE / "tools" / "fault_trials.py")
 
 
