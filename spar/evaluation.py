@@ -49,6 +49,7 @@ from .models.compiling import check_compile_target
 from .models.teacher import check_feature_source
 from .output_names import relative_name, unique_names
 from .per_image import PerImageResults, check_recorded_settings, image_keys
+from .protocol import PROTOCOL
 from .refine import build_stages, check_stage_settings
 from .results_table import collect_results, format_results_table
 from .segmentation import OpenVocabSegmenter, display_names, load_class_names
@@ -89,7 +90,7 @@ def evaluate_benchmark(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    bounds: Sequence[int] = (2048, 672),
+    bounds: Sequence[int] = PROTOCOL.bounds,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     class_names: Sequence[str] | None = None,
@@ -282,9 +283,9 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         backbone,
         classes,
         dense=dense_features(backbone, config["features"], config.get("teacher"), precision),
-        templates=config.get("templates", "imagenet80"),
+        templates=config.get("templates", PROTOCOL.templates),
         logit_scale=data_cfg["logit_scale"],
-        logit_bias=data_cfg.get("logit_bias", 0.0),
+        logit_bias=data_cfg.get("logit_bias", PROTOCOL.logit_bias),
         prob_threshold=data_cfg.get("prob_threshold"),
         area_threshold=data_cfg.get("area_threshold"),
         **stages,

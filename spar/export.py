@@ -36,6 +36,7 @@ from torch import nn
 from .config import SettingError
 from .io import atomic_path
 from .models.base import DenseBackbone, check_images
+from .protocol import PROTOCOL
 from .segmentation import Template, build_text_classifier, parse_classes
 
 INPUT_NAME = "images"
@@ -235,7 +236,7 @@ def export_text_embeddings(
     backbone: DenseBackbone,
     class_names: Sequence,
     path: str | Path,
-    templates: str | Sequence[Template] = "imagenet80",
+    templates: str | Sequence[Template] = PROTOCOL.templates,
 ) -> Path:
     """Write the prompt-ensemble text embeddings of ``class_names`` to a safetensors file.
 

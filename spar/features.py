@@ -19,6 +19,7 @@ from .imaging import load_image, prepare_images
 from .io import atomic_path, atomic_write_json
 from .models.teacher import SlidingWindowTeacher
 from .output_names import unique_names
+from .protocol import PROTOCOL
 from .provenance import (
     ProvenanceError,
     check_fingerprint,
@@ -148,7 +149,7 @@ def extract_features(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    bounds: Sequence[int] | None = (2048, 672),
+    bounds: Sequence[int] | None = PROTOCOL.bounds,
     dtype: str = "float16",
     metadata: dict[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,

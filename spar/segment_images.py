@@ -39,6 +39,7 @@ from .config import SettingError
 from .data.images import fit_size, image_size, list_images, load_image, prepare_images
 from .evaluation import prediction_to_png
 from .io import atomic_save_image, atomic_write_json
+from .protocol import PROTOCOL
 from .provenance import (
     ProvenanceError,
     check_fingerprint,
@@ -254,11 +255,11 @@ def segment_path(
     out_dir: str | Path,
     *,
     dense: nn.Module | None = None,
-    bounds: Sequence[int] | None = (2048, 672),
-    templates: str | Sequence[Template] = "imagenet80",
-    logit_scale: float = 40.0,
-    prob_threshold: float | None = None,
-    area_threshold: float | None = None,
+    bounds: Sequence[int] | None = PROTOCOL.bounds,
+    templates: str | Sequence[Template] = PROTOCOL.templates,
+    logit_scale: float = PROTOCOL.logit_scale,
+    prob_threshold: float | None = PROTOCOL.prob_threshold,
+    area_threshold: float | None = PROTOCOL.area_threshold,
     refiner: nn.Module | None = None,
     upsampler: nn.Module | None = None,
     batch_size: int = 8,

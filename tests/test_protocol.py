@@ -1,6 +1,6 @@
 """The evaluation protocol is written once (``spar.protocol.PROTOCOL``) and every reader takes
 its defaults from there: the segmenter, the pictures, the page, the evaluation, feature
-extraction, the resize and the configs."""
+extraction, the folder segmentation, the ONNX text export, the resize and the configs."""
 
 import dataclasses
 import inspect
@@ -11,9 +11,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from spar.evaluation import evaluate_benchmark
+from spar.export import export_text_embeddings
 from spar.features import extract_features
 from spar.imaging import resize_to_fit
 from spar.protocol import PROTOCOL, BenchmarkSettings, EvalProtocol, protocol_defaults
+from spar.segment_images import segment_path
 from spar.segmentation import OpenVocabSegmenter, build_text_classifier
 from spar.tools.app import IMAGE_BOUNDS, segment_page
 from spar.viz import feature_picture, segmentation_picture
@@ -58,6 +60,8 @@ def test_the_protocol_holds_the_papers_values():
         (evaluate_benchmark, ("bounds",)),
         (extract_features, ("bounds",)),
         (resize_to_fit, ("bounds",)),
+        (segment_path, ("bounds", "templates", "logit_scale", "prob_threshold", "area_threshold")),
+        (export_text_embeddings, ("templates",)),
     ],
 )
 def test_every_reader_defaults_to_the_protocol(function, names):
