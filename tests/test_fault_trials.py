@@ -45,6 +45,7 @@ def test_every_fault_trial_survives(tmp_path):
         "kills=3",
         "per_kind=1",
         "seed=1",
+        "guarantees=false",  # tests/test_fault_trials_guarantees.py runs those
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         timeout=240,
@@ -53,4 +54,5 @@ def test_every_fault_trial_survives(tmp_path):
     assert [row["kind"] for row in results["rows"]] == list(KINDS)
     assert all(row["lost"] == 0 and row["survived"] == row["trials"] for row in results["rows"])
     assert len(results["trials"]) == 3 + len(KINDS) - 3
+    assert results["guarantees"] == []
     assert "| **all** | 11 | 11 | 0 |" in result.stdout

@@ -26,14 +26,20 @@ process doing the work, and compares what it leaves with an uninterrupted refere
   ``extract_features`` must finish, skipping and counting it.
 - **16-bit PNG**: a random 16-bit grey PNG must load as its values / 65535.
 
+Then (``guarantees=true``) one trial per class of guarantee of the issue-22 work
+(:mod:`spar.tools.fault_trials_guarantees`): refused or recorded changes on resume, held-out
+overlap, unwritable folders, evaluation and feature reuse, collision-free names, result rows, the
+page's model cache, atomic ``save_pretrained``, bounded and finite loading, early errors on class
+files and images, no hub look-up of a local path. Each is ``held``, ``broken`` or ``pending``.
+
 Trials are drawn from one seed, so a run of :func:`run_trials` is reproducible. The parent
 process only forks, reads files and compares arrays (no torch computation, which keeps forking
 safe).
 
-As a command: ``python -m spar.tools.fault_trials [kills=5 per_kind=1]``
+As a command: ``python -m spar.tools.fault_trials [kills=5 per_kind=1 guarantees=false]``
 (``scripts/fault_trials.py``; config ``spar/configs/fault_trials.yaml``) prints a line per trial
-and the table, writes ``fault_trials.json`` to the run folder and exits with status 1 when a trial
-lost anything.
+and the tables, writes ``fault_trials.json`` to the run folder and exits with status 1 when a
+trial lost anything or a guarantee trial found its guarantee broken.
 """
 
 from __future__ import annotations
@@ -651,6 +657,7 @@ def run_trials(
     per_kind: int = 3,
     seed: int = 0,
     keep: bool = False,
+    guarantees: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the fault trials; returns ``{"seed", "rows": [{kind, trials, survived, lost}],
@@ -661,6 +668,9 @@ def run_trials(
         kills: kill points, spread over the three kill kinds.
         per_kind: trials of each corruption and bad-image kind.
         seed: draws every trial (kill points, bytes flipped, cuts, image sizes).
+        guarantees: also run the guarantee trials
+            (:func:`~spar.tools.fault_trials_guarantees.run_guarantee_trials`), returned under
+            ``"guarantees"``.
         progress: called with one line per finished trial.
     """
     temporary = workdir is None
@@ -684,6 +694,11 @@ def run_trials(
             trials.append({"kind": kind, "survived": survived, "detail": detail})
             if progress is not None:
                 progress(f"{'survived' if survived else 'LOST'}  {kind}: {detail}")
+        checked = []
+        if guarantees:
+            from .fault_trials_guarantees import run_guarantee_trials
+
+            checked = run_guarantee_trials(workdir, seed, progress=progress)
     finally:
         if temporary and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -700,7 +715,14 @@ def run_trials(
                     "lost": len(done) - survived,
                 }
             )
-    return {"seed": seed, "kills": kills, "per_kind": per_kind, "rows": rows, "trials": trials}
+    return {
+        "seed": seed,
+        "kills": kills,
+        "per_kind": per_kind,
+        "rows": rows,
+        "trials": trials,
+        "guarantees": checked,
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -715,8 +737,8 @@ def format_table(results: dict[str, Any]) -> str:
 
 def run_fault_trials(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """What the command (:func:`main`) runs (``configs/fault_trials.yaml``: ``kills``,
-    ``per_kind``, ``seed``, ``workdir``, ``keep``): the trials, a line per trial and the table
-    printed, and ``out_dir/fault_trials.json`` written."""
+    ``per_kind``, ``seed``, ``workdir``, ``keep``, ``guarantees``): the trials, a line per trial
+    and the tables printed, and ``out_dir/fault_trials.json`` written."""
     from ..config import require_bool, require_int
     from ..io import atomic_write_json
 
@@ -724,15 +746,24 @@ def run_fault_trials(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     require_int("per_kind", cfg["per_kind"], 0)
     require_int("seed", cfg["seed"], 0)
     require_bool("keep", cfg["keep"])
+    require_bool("guarantees", cfg.get("guarantees", True))
+    start = time.perf_counter()
     results = run_trials(
         cfg["workdir"],
         kills=cfg["kills"],
         per_kind=cfg["per_kind"],
         seed=cfg["seed"],
         keep=cfg["keep"],
+        guarantees=cfg.get("guarantees", True),
         progress=lambda line: print(line, flush=True),
     )
+    results["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(results))
+    if results["guarantees"]:
+        from .fault_trials_guarantees import format_guarantees
+
+        print(format_guarantees(results["guarantees"]))
+    print(f"fault trials took {results['seconds']} s")
     atomic_write_json(Path(out_dir) / "fault_trials.json", results)
     print(f"results in {Path(out_dir) / 'fault_trials.json'}")
     return results
@@ -746,7 +777,8 @@ register_run_id_resolver()  # ${spar_run_id:} in the run folder, resolved before
 def main(cfg: DictConfig) -> None:
     """The command line (Hydra overrides): the trials; exit status 1 when one lost anything."""
     results = run_fault_trials(OmegaConf.to_container(cfg), HydraConfig.get().runtime.output_dir)
-    if any(row["lost"] for row in results["rows"]):
+    broken = any(trial["status"] == "broken" for trial in results["guarantees"])
+    if broken or any(row["lost"] for row in results["rows"]):
         raise SystemExit(1)
 
 
