@@ -31,8 +31,12 @@ def evaluate(cfg: DictConfig) -> None:
         print(format_results_table(results))
         if results["compile"] is not None:
             print(describe_compile_report(results["compile"]))
+        resumed = results["resumed_images"]
         print(
-            f"{results['dataset']} ({results['features']}): results in {out_dir}/eval_results.json"
+            f"{results['dataset']} ({results['features']}, weights "
+            f"{results['fingerprint']['weights'][:8]}"
+            + (f", {resumed} images resumed from per_image.jsonl" if resumed else "")
+            + f"): results in {out_dir}/eval_results.json"
         )
 
 

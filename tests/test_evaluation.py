@@ -188,6 +188,7 @@ def test_eval_script_prints_the_table_and_writes_results(tmp_path, features):
     assert "aeroplane" in result.stdout and "mIoU" in result.stdout
     written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert written["features"] == features and written["config"]["dataset"]["logit_scale"] == 65
+    assert f"weights {written['fingerprint']['weights'][:8]}" in result.stdout
     recomputed, _ = miou_from_pngs("voc21", tmp_path / "voc", tmp_path / "run" / "predictions")
     assert written["miou"] == pytest.approx(recomputed, abs=1e-9)
 
