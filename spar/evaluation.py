@@ -251,6 +251,13 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     ``teacher`` (window, stride, batch_size), ``templates`` (a template-set name), ``dataset``
     (name, root, split, class_names, bounds, logit_scale, logit_bias, prob_threshold,
     area_threshold), ``save_predictions``, ``device``, ``precision``, ``num_workers``.
+
+    Each image's scores go to ``out_dir/per_image.jsonl`` as it is scored, under the run's
+    fingerprint (:func:`evaluation_fingerprint` plus the weights); a re-run into ``out_dir``
+    resumes from them only under an equal fingerprint, and otherwise stops with
+    :class:`~spar.provenance.ProvenanceError` listing the differing keys: the settings and data
+    before any model is built, the weights before any image is scored. ``eval_results.json``
+    records the fingerprint.
     """
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     check_renamed(config, RENAMED_SETTINGS["eval"], "run_evaluation")
