@@ -25,6 +25,7 @@ no tokenizer or text tower.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -170,6 +171,23 @@ class ExportedForward(nn.Module):
         return patches.transpose(1, 2).reshape(images.shape[0], -1, *grid)
 
 
+def onnx_metadata(backbone: DenseBackbone) -> dict[str, str]:
+    """What a deployment needs besides the graph, as ONNX metadata (strings; JSON values):
+    ``mean``, ``std`` (the input normalisation), ``patch_size``, ``embed_dim``, ``backbone``
+    (the registry name, ``null`` when built directly) and ``patch_fit`` (the segmenter's rule,
+    see :class:`~spar.models.base.DenseBackbone`)."""
+    identity = backbone.identity or {}
+    values = {
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "patch_size": backbone.patch_size,
+        "embed_dim": backbone.embed_dim,
+        "backbone": identity.get("name"),
+        "patch_fit": getattr(backbone, "patch_fit", "pad"),
+    }
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
 def export_onnx(
     backbone: DenseBackbone,
     path: str | Path,
@@ -188,7 +206,8 @@ def export_onnx(
         opset: the ONNX opset.
 
     Returns:
-        ``path``. Input ``images`` (B, 3, H, W) float32, output ``features`` (B, C, h, w).
+        ``path``. Input ``images`` (B, 3, H, W) float32, output ``features`` (B, C, h, w);
+        metadata :func:`onnx_metadata`.
     """
     path = check_destination(path, ".onnx")
     kind = _backbone_kind(backbone)
@@ -226,6 +245,7 @@ def export_onnx(
                 external_data=False,
                 verbose=False,
             )
+            program.model.metadata_props.update(onnx_metadata(backbone))
             program.save(str(temporary), external_data=False)
     finally:
         backbone.to(device=device, dtype=dtype).train(training)

@@ -2,6 +2,7 @@
 the exported file with the torch forward at sizes other than the traced one (onnxruntime on the
 CPU), text embeddings, and the errors before export."""
 
+import json
 import os
 import subprocess
 import sys
@@ -138,11 +139,13 @@ def test_text_embeddings_refuse_a_bad_destination_before_encoding(tmp_path, tiny
 EXAMPLE_SIZE = (99, 83)
 SIZES = [(1, (64, 96)), (2, (100, 70)), (2, (32, 240)), (1, (144, 160))]
 TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|
-BACKBONES = {
-    "tiny": {},
-    "siglip2-tiny": {},
-    "dinov3txt-tiny": {},  # patch_fit="stretch": the bicubic stretch is in the graph
-    "dinov3txt-tiny-pad": {"patch_fit": "pad"},
+BACKBONES = {  # key: (registry name, options)
+    "tiny": ("tiny", {}),
+    "siglip2-tiny": ("siglip2-tiny", {}),
+    # patch_fit="stretch" (the default): the bicubic stretch is in the graph, an ONNX Resize.
+    "dinov3txt-tiny": ("dinov3txt-tiny", {}),
+    "dinov3txt-tiny-pad": ("dinov3txt-tiny", {"patch_fit": "pad"}),
+    "dinov3txt-tiny-head": ("dinov3txt-tiny", {"dense_tokens": "head"}),
 }
 
 
@@ -155,8 +158,8 @@ def exported(tmp_path_factory):
 
     def get(key):
         if key not in made:
-            name = key.removesuffix("-pad")
-            backbone = create_backbone(name, **BACKBONES[key])
+            name, options = BACKBONES[key]
+            backbone = create_backbone(name, **options)
             path = tmp_path_factory.mktemp("onnx") / f"{key}.onnx"
             export_onnx(backbone, path, example_size=EXAMPLE_SIZE)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -172,6 +175,10 @@ def test_the_onnx_file_matches_the_torch_forward_at_other_sizes(exported, key):
     backbone, session = exported(key)
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()] == ["features"]
+    metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert metadata["mean"] == pytest.approx(backbone.mean) and metadata["patch_size"] == 16
+    assert metadata["std"] == pytest.approx(backbone.std)
+    assert metadata["backbone"] == BACKBONES[key][0]
     generator = torch.Generator().manual_seed(1)
     for batch, (height, width) in SIZES:
         images = torch.randn(batch, 3, height, width, generator=generator)
