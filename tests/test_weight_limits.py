@@ -203,6 +203,27 @@ def test_from_pretrained_folder_with_a_nan_is_refused(tmp_path):
         from_pretrained(folder)
 
 
+def test_integer_weights_in_an_official_dinov3_file_are_refused_after_timms_conversion(tmp_path):
+    """timm's DINOv3 key conversion splits the qkv bias; the int64 pieces are still named."""
+    from test_dinov3txt import ARCH, official_backbone_state, official_head_and_text_state
+
+    backbone = official_backbone_state(ARCH)
+    backbone["blocks.0.attn.qkv.bias"] = (backbone["blocks.0.attn.qkv.bias"] * 100).to(torch.int64)
+    torch.save(backbone, tmp_path / "backbone.pth")
+    torch.save(official_head_and_text_state(ARCH), tmp_path / "head.pth")
+    with pytest.raises(
+        WeightLoadingError,
+        match=r"^refused the weights from backbone\.pth \+ head\.pth: non-floating tensors .*: "
+        r"visual_model\.backbone\.blocks\.0\.attn\.q_bias \(torch\.int64\)",
+    ):
+        create_backbone(
+            "dinov3txt-tiny",
+            pretrained="official",
+            backbone_weights=str(tmp_path / "backbone.pth"),
+            weights=str(tmp_path / "head.pth"),
+        )
+
+
 def test_refinement_weights_with_an_inf_are_refused(tmp_path):
     state = load_anyup(None).state_dict()
     name = sorted(k for k, v in state.items() if v.is_floating_point() and v.numel() > 4)[0]
