@@ -171,6 +171,21 @@ class ExportedForward(nn.Module):
         return patches.transpose(1, 2).reshape(images.shape[0], -1, *grid)
 
 
+def check_example_size(size, patch_size: int | None = None) -> tuple[int, int]:
+    """``size`` as (H, W), two integers above ``patch_size`` (when given); :class:`ExportError`
+    naming it otherwise. torch.export would fix a one-patch side in the graph (it specialises
+    sizes of 1), as it would a batch of 1, which is why the example batch holds 2 images."""
+    sides = tuple(size) if isinstance(size, list | tuple) else (size,)
+    if len(sides) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in sides):
+        raise ExportError(f"example_size must be [H, W], two integers, got {size!r}")
+    if patch_size is not None and min(sides) <= patch_size:
+        raise ExportError(
+            f"example_size {list(sides)}: both sides must exceed the patch size {patch_size} "
+            "(a one-patch grid would be fixed in the graph)"
+        )
+    return sides
+
+
 def onnx_metadata(backbone: DenseBackbone) -> dict[str, str]:
     """What a deployment needs besides the graph, as ONNX metadata (strings; JSON values):
     ``mean``, ``std`` (the input normalisation), ``patch_size``, ``embed_dim``, ``backbone``
@@ -201,8 +216,9 @@ def export_onnx(
             ``dinov3txt`` backbone (trained or not); exported in float32 on the CPU, in eval
             mode (a copy of its state is not made: it is moved back afterwards).
         path: the ``.onnx`` file to write (atomically).
-        example_size: (H, W) of the example batch the graph is traced with (any size works
-            afterwards); default: two patches less than the native size.
+        example_size: (H, W) of the example batch (of 2) the graph is traced with, both above
+            the patch size (any size works afterwards); default: two patches less than the
+            native size, plus 3.
         opset: the ONNX opset.
 
     Returns:
@@ -221,7 +237,8 @@ def export_onnx(
     p = backbone.patch_size
     if example_size is None:
         example_size = tuple(max(p, n - 2 * p) + 3 for n in backbone.native_size)
-    example = torch.randn(2, 3, *example_size)
+    sides = check_example_size(example_size, p)
+    example = torch.randn(2, 3, *sides)
     check_images(example)
     dims = {
         0: torch.export.Dim("batch", min=1, max=MAX_BATCH),
@@ -287,6 +304,7 @@ __all__ = [
     "ExportError",
     "ExportedForward",
     "check_destination",
+    "check_example_size",
     "export_onnx",
     "export_text_embeddings",
 ]

@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distributed import register_run_id_resolver
-from spar.export import check_destination, export_onnx, export_text_embeddings
+from spar.export import (
+    check_destination,
+    check_example_size,
+    export_onnx,
+    export_text_embeddings,
+)
 from spar.models import create_backbone
 from spar.segmentation import load_class_names, parse_classes
 
@@ -51,7 +56,11 @@ def export(cfg: DictConfig) -> None:
     if classes is not None:
         parse_classes(classes)
         check_destination(text_path(output), ".safetensors")
-    size = None if cfg.example_size is None else tuple(cfg.example_size)
+    size = cfg.example_size
+    if OmegaConf.is_config(size):
+        size = OmegaConf.to_container(size)
+    if size is not None:
+        size = check_example_size(size)
     backbone_cfg = OmegaConf.to_container(cfg.backbone)
     backbone_cfg.pop("trainable_blocks", None)
     backbone = create_backbone(**backbone_cfg, checkpoint=cfg.checkpoint)

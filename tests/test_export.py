@@ -111,6 +111,13 @@ def test_unsupported_backbones_and_heads_are_named(tmp_path, tiny_backbones):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("size", [(16, 80), (80, 3), (64,), (64.0, 80), "64x80"])
+def test_an_example_size_that_would_fix_the_graph_is_refused(tmp_path, tiny_backbone, size):
+    with pytest.raises(ExportError, match="example_size"):
+        export_onnx(tiny_backbone, tmp_path / "student.onnx", example_size=size)
+    assert not list(tmp_path.iterdir())
+
+
 def test_text_embeddings_are_the_prompt_averages(tmp_path, tiny_backbone):
     path = export_text_embeddings(
         tiny_backbone, ["sky", "car, automobile"], tmp_path / "classes.safetensors", "single"
