@@ -20,6 +20,7 @@ Hydra imports this package when it reads ``pkg://spar.configs``; code that compo
 :data:`CONFIG_DIR` imports it by naming :data:`CONFIG_DIR`.
 """
 
+import dataclasses
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -49,8 +50,9 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         store.store(group="schema", name=name, node=schema)
-    for name in EvalProtocol.__dataclass_fields__:
-        store.store(group="schema/protocol", name=name, node=protocol_defaults(name))
+    for field in dataclasses.fields(EvalProtocol):
+        node = protocol_defaults(field.name)
+        store.store(group="schema/protocol", name=field.name, node=node)
 
 
 register_schemas()
