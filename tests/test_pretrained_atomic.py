@@ -83,7 +83,7 @@ def _siblings(folder) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
 
 
-@pytest.mark.slow  # a fresh interpreter per kill: about 11 s each on a loaded 2-core machine
+@pytest.mark.slow  # a fresh interpreter per kill: 3 to 12 s each on the 2-core machine
 @pytest.mark.parametrize("where", ["writing", "between renames", "after the swap"])
 def test_a_kill_leaves_the_folder_entirely_old_or_entirely_new(students, tmp_path, where):
     old_student, new_student = students
