@@ -6,8 +6,8 @@ dynamic. Everything that depends on the image size is computed inside the graph 
 input's shape:
 
 * fitting to the patch grid as the backbone's forward does: zero padding at the bottom/right
-  (``tiny``/``maskclip``, ``siglip2``, ``dinov3txt`` with ``patch_fit="pad"``) or the bicubic
-  stretch of ``dinov3txt`` (``patch_fit="stretch"``), an ONNX ``Resize``;
+  (``tiny``/``maskclip``/``clip``, ``siglip2``, ``dinov3txt`` with ``patch_fit="pad"``) or the
+  bicubic stretch of ``dinov3txt`` (``patch_fit="stretch"``), an ONNX ``Resize``;
 * learned position embeddings: the bicubic resample as two interpolation matrices built from the
   grid size (:func:`spar.models.pos_embed.traced_bicubic_matrix`, float64);
 * DINOv3 rotary embeddings: the patch-centre coordinates of the grid, then timm's angles from the
@@ -79,7 +79,7 @@ def _backbone_kind(backbone: nn.Module) -> str:
             raise ExportError("only DINOv3.txt trunks with centred RoPE grids can be exported")
         return "dinov3txt"
     raise ExportError(
-        f"cannot export {type(backbone).__name__} to ONNX: supported are the maskclip/tiny, "
+        f"cannot export {type(backbone).__name__} to ONNX: supported are the maskclip/clip/tiny, "
         "siglip2 and dinov3txt families"
     )
 
@@ -212,7 +212,7 @@ def export_onnx(
     """Write the ONNX file of ``backbone``'s dense forward, batch, height and width dynamic.
 
     Args:
-        backbone: a ``tiny``/``maskclip`` (default ``maskclip`` dense head), ``siglip2`` or
+        backbone: a ``tiny``/``maskclip``/``clip`` (``maskclip`` dense head), ``siglip2`` or
             ``dinov3txt`` backbone (trained or not); exported in float32 on the CPU, in eval
             mode (a copy of its state is not made: it is moved back afterwards).
         path: the ``.onnx`` file to write (atomically).

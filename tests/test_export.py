@@ -17,7 +17,7 @@ from torch import nn
 from spar.config import _user_error_types
 from spar.export import ExportError, export_onnx, export_text_embeddings
 from spar.models import create_backbone
-from spar.models.pos_embed import traced_bicubic_matrix
+from spar.models.pos_embed import resample_pos_embed_by_scale, traced_bicubic_matrix
 
 OFFSET = 0.1  # the DINO convention's scale offset, written out here
 
@@ -43,13 +43,15 @@ def test_traced_matrices_resample_as_interpolate(source, target, convention):
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(6, *source, generator=generator, dtype=torch.float64)
 
-    def step_of(source_length):
+    def step(source_length, length):  # the inverse scale, written out per convention
         if convention == "size":
-            return lambda length: source_length / length
-        return lambda length: 1.0 / ((length + OFFSET) / source_length)
+            value = source_length / length
+        else:
+            value = 1.0 / ((length + OFFSET) / source_length)
+        return torch.tensor([value], dtype=torch.float64)
 
-    rows = traced_bicubic_matrix(source[0], target[0], step_of(source[0]), table.device)
-    cols = traced_bicubic_matrix(source[1], target[1], step_of(source[1]), table.device)
+    rows = traced_bicubic_matrix(source[0], target[0], step(source[0], target[0]), table.device)
+    cols = traced_bicubic_matrix(source[1], target[1], step(source[1], target[1]), table.device)
     assert rows.shape == (target[0], source[0]) and rows.dtype == torch.float64
     ours = rows @ table @ cols.T
     expected = interpolate_rows_cols(table, source, target, convention)
@@ -72,12 +74,32 @@ def test_traced_matrix_rows_are_the_cubic_kernel_by_hand():
     def far(d):
         return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
 
-    matrix = traced_bicubic_matrix(4, 8, lambda length: 4 / length, torch.device("cpu"))
+    half = torch.tensor([0.5], dtype=torch.float64)
+    matrix = traced_bicubic_matrix(4, 8, half, torch.device("cpu"))
     expected = torch.tensor([far(1 + t), near(t), near(1 - t), far(2 - t)], dtype=torch.float64)
     torch.testing.assert_close(matrix[3], expected, rtol=0, atol=1e-15)
     assert torch.allclose(matrix.sum(1), torch.ones(8, dtype=torch.float64))
     # output 0 reads x = -0.25: the taps at -2 and -1 are clamped onto source 0.
     assert matrix[0, 2:].abs().max() < 1 and matrix[0, 0] > 1
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((8, 8), (8, 5)), ((8, 8), (3, 8)), ((8, 8), (8, 8)), ((6, 9), (6, 9))]
+)
+def test_under_export_a_side_equal_to_the_source_is_still_resampled(monkeypatch, source, target):
+    """Under torch.export the by-scale resample (MaskCLIP/CLIP) uses the traced matrices: a grid
+    with one side equal to the table's is resampled on both sides (the step is 1 only when
+    both sides are equal, where the table is used unchanged)."""
+    table = torch.randn(source[0] * source[1], 5, dtype=torch.float64)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    ours = resample_pos_embed_by_scale(table, source, target)
+    if source == target:
+        torch.testing.assert_close(ours, table, rtol=0, atol=0)
+        return
+    grid = table.reshape(*source, -1).permute(2, 0, 1)
+    expected = interpolate_rows_cols(grid, source, target, "scale").permute(1, 2, 0).flatten(0, 1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(ours[: target[1]], table[: target[1]])  # the equal side moved too
 
 
 def test_an_unwritable_destination_is_named_before_export(tmp_path, tiny_backbone):
@@ -144,10 +166,12 @@ def test_text_embeddings_refuse_a_bad_destination_before_encoding(tmp_path, tiny
 # Traced at 99x83 (not a patch multiple), run at sizes that are neither that nor each other:
 # patch multiples, partial patches, a single patch row, up- and downsampled position grids.
 EXAMPLE_SIZE = (99, 83)
-SIZES = [(1, (64, 96)), (2, (100, 70)), (2, (32, 240)), (1, (144, 160))]
+# (224, 128): one side on the table's own grid (tiny: 14 rows; siglip2-tiny: 8 columns).
+SIZES = [(1, (64, 96)), (2, (100, 70)), (2, (32, 240)), (1, (144, 160)), (1, (224, 128))]
 TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|
 BACKBONES = {  # key: (registry name, options)
     "tiny": ("tiny", {}),
+    "clip-tiny-p14": ("clip-tiny-p14", {}),  # patch 14
     "siglip2-tiny": ("siglip2-tiny", {}),
     # patch_fit="stretch" (the default): the bicubic stretch is in the graph, an ONNX Resize.
     "dinov3txt-tiny": ("dinov3txt-tiny", {}),
@@ -183,7 +207,8 @@ def test_the_onnx_file_matches_the_torch_forward_at_other_sizes(exported, key):
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()] == ["features"]
     metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-    assert metadata["mean"] == pytest.approx(backbone.mean) and metadata["patch_size"] == 16
+    assert metadata["mean"] == pytest.approx(backbone.mean)
+    assert metadata["patch_size"] == backbone.patch_size == (14 if "p14" in key else 16)
     assert metadata["std"] == pytest.approx(backbone.std)
     assert metadata["backbone"] == BACKBONES[key][0]
     generator = torch.Generator().manual_seed(1)
@@ -192,7 +217,8 @@ def test_the_onnx_file_matches_the_torch_forward_at_other_sizes(exported, key):
         with torch.no_grad():
             expected = backbone(images)
         (ours,) = session.run(None, {"images": images.numpy()})
-        grid = (-(-height // 16), -(-width // 16))
+        patch = backbone.patch_size
+        grid = (-(-height // patch), -(-width // patch))
         assert ours.shape == (batch, backbone.embed_dim, *grid) == tuple(expected.shape)
         error = (torch.from_numpy(ours) - expected).abs().max() / expected.abs().max()
         assert error <= TOLERANCE, (key, batch, height, width, float(error))

@@ -34,7 +34,6 @@ CUBIC_A = -0.75
 
 Grid = tuple[int, int]
 Resample = Callable[[torch.Tensor, Grid, Grid], torch.Tensor]
-StepOf = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_grid(grid_tokens: torch.Tensor, source_grid: Grid) -> None:
@@ -97,17 +96,20 @@ def interpolation_matrix(
     return _cached_bicubic_matrix(source, target, step, device)
 
 
+def traced_length(size: int | torch.SymInt, device: torch.device) -> torch.Tensor:
+    """A (possibly symbolic) size as a (1,) float64 tensor: no Python arithmetic on a symbolic
+    size. A reduction, as a slice's length would be an expression torch.export cannot simplify
+    to 1."""
+    return torch.arange(size, dtype=torch.float64, device=device).amax(0, keepdim=True) + 1
+
+
 def traced_bicubic_matrix(
-    source: int, target: int | torch.SymInt, step_of: StepOf, device: torch.device
+    source: int, target: int | torch.SymInt, step: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """(target, source) float64 :func:`bicubic_rows` from tensor operations, for a symbolic
-    ``target`` (``torch.export``): ``step_of`` maps the (1,) float64 target length to the (1,)
-    inverse scale. The arithmetic is :func:`bicubic_rows`' in the same order, so the weights are
-    the same doubles."""
+    ``target`` (``torch.export``); ``step`` is the (1,) float64 inverse scale. The arithmetic is
+    :func:`bicubic_rows`' in the same order, so the weights are the same doubles."""
     outputs = torch.arange(target, dtype=torch.float64, device=device)
-    # The length as a (1,) tensor: no Python arithmetic on a symbolic size (a reduction, as a
-    # slice's length would be a symbolic expression torch.export cannot simplify to 1).
-    step = step_of(outputs.amax(0, keepdim=True) + 1)
     x = step * (outputs + 0.5) - 0.5
     index = torch.floor(x).clamp(max=source - 1)
     frac = (x - index).clamp(0.0, 1.0)
@@ -129,28 +131,30 @@ def traced_bicubic_matrix(
 
 
 def _traced_resample(
-    grid_tokens: torch.Tensor, source_grid: Grid, target_grid: Grid, step_ofs: tuple
+    grid_tokens: torch.Tensor, source_grid: Grid, target_grid: Grid, by_scale: bool
 ) -> torch.Tensor:
-    """:func:`resample_grid` with :func:`traced_bicubic_matrix` matrices; shapes as there."""
+    """:func:`resample_pos_embed_by_scale` (``by_scale``) or :func:`resample_pos_embed_to_size`
+    with :func:`traced_bicubic_matrix` matrices; shapes as there."""
     _check_grid(grid_tokens, source_grid)
+    device = grid_tokens.device
+    lengths = [traced_length(t, device) for t in target_grid]
+    if by_scale:
+        # The eager path returns the table unchanged when both sides equal the source's: then
+        # every step is 1 (identity rows), not 1 / ((n + 0.1) / n).
+        same = (lengths[0] == source_grid[0]) & (lengths[1] == source_grid[1])
+        steps = [
+            torch.where(same, 1.0, 1.0 / ((n + DINO_SCALE_OFFSET) / s))
+            for n, s in zip(lengths, source_grid, strict=True)
+        ]
+    else:
+        steps = [s / n for n, s in zip(lengths, source_grid, strict=True)]
     rows, cols = (
-        traced_bicubic_matrix(s, t, step_of, grid_tokens.device)
-        for s, t, step_of in zip(source_grid, target_grid, step_ofs, strict=True)
+        traced_bicubic_matrix(s, t, step, device)
+        for s, t, step in zip(source_grid, target_grid, steps, strict=True)
     )
     grid = grid_tokens.to(torch.float64).unflatten(0, source_grid).permute(2, 0, 1)
     grid = rows @ grid @ cols.T  # (C, th, tw)
     return grid.permute(1, 2, 0).flatten(0, 1).to(grid_tokens.dtype)
-
-
-def _scale_step(source: int) -> StepOf:
-    # 1 at the source length, where the eager path returns the table unchanged: identity rows.
-    return lambda target: torch.where(
-        target == source, 1.0, 1.0 / ((target + DINO_SCALE_OFFSET) / source)
-    )
-
-
-def _size_step(source: int) -> StepOf:
-    return lambda target: source / target
 
 
 def resample_grid(
@@ -198,8 +202,7 @@ def resample_pos_embed_by_scale(
         (th * tw, C) embeddings.
     """
     if torch.compiler.is_exporting():
-        steps_of = tuple(_scale_step(s) for s in source_grid)
-        return _traced_resample(grid_tokens, source_grid, target_grid, steps_of)
+        return _traced_resample(grid_tokens, source_grid, target_grid, by_scale=True)
     if tuple(target_grid) == tuple(source_grid):
         return grid_tokens
     steps = tuple(
@@ -215,8 +218,7 @@ def resample_pos_embed_to_size(
     ``resample_abs_pos_embed`` computes without antialiasing); shapes as in
     :func:`resample_pos_embed_by_scale`."""
     if torch.compiler.is_exporting():
-        steps_of = tuple(_size_step(s) for s in source_grid)
-        return _traced_resample(grid_tokens, source_grid, target_grid, steps_of)
+        return _traced_resample(grid_tokens, source_grid, target_grid, by_scale=False)
     if tuple(target_grid) == tuple(source_grid):
         return grid_tokens
     steps = tuple(s / t for t, s in zip(target_grid, source_grid, strict=True))
