@@ -126,6 +126,7 @@ MODELS_MAY_IMPORT = (
     "spar.io",
     "spar.config",
     "spar.deprecations",
+    "spar.provenance",
 )
 
 
