@@ -227,6 +227,10 @@ def export_onnx(
     """
     path = check_destination(path, ".onnx")
     kind = _backbone_kind(backbone)
+    p = backbone.patch_size
+    if example_size is None:
+        example_size = tuple(max(p, n - 2 * p) + 3 for n in backbone.native_size)
+    sides = check_example_size(example_size, p)
     try:
         import onnx  # noqa: F401  (the exporter needs it; fail here with the install hint)
         import onnxscript  # noqa: F401
@@ -234,10 +238,6 @@ def export_onnx(
         raise ExportError(
             f"ONNX export needs the onnx extra: pip install 'spar[onnx]' ({error.name} missing)"
         ) from None
-    p = backbone.patch_size
-    if example_size is None:
-        example_size = tuple(max(p, n - 2 * p) + 3 for n in backbone.native_size)
-    sides = check_example_size(example_size, p)
     example = torch.randn(2, 3, *sides)
     check_images(example)
     dims = {

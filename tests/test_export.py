@@ -2,6 +2,7 @@
 the exported file with the torch forward at sizes other than the traced one (onnxruntime on the
 CPU), text embeddings, and the errors before export."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -138,6 +139,13 @@ def test_an_example_size_that_would_fix_the_graph_is_refused(tmp_path, tiny_back
     with pytest.raises(ExportError, match="example_size"):
         export_onnx(tiny_backbone, tmp_path / "student.onnx", example_size=size)
     assert not list(tmp_path.iterdir())
+
+
+def test_without_the_onnx_extra_the_export_says_what_to_install(tmp_path, tiny_backbone):
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnx"):
+        pytest.skip("the onnx extra is installed")
+    with pytest.raises(ExportError, match=r"pip install 'spar\[onnx\]'"):
+        export_onnx(tiny_backbone, tmp_path / "student.onnx")
 
 
 def test_text_embeddings_are_the_prompt_averages(tmp_path, tiny_backbone):
