@@ -30,7 +30,10 @@ class BackboneConfig:
 
     The families read ``mean``, ``std`` and ``native_size`` from here; ``patch_size`` and
     ``embed_dim`` are what the built model has with the factory's default options (the
-    contract tests check both).
+    contract tests check both). A factory building another ``architecture=`` than the default
+    (``clip``, ``siglip2``) passes its backbone a copy with the values read from open_clip's
+    configuration and the built model
+    (:func:`~spar.models.open_clip_common.describe_model`).
 
     Attributes:
         description: one line for listings.
