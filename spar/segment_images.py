@@ -5,13 +5,14 @@ For each image ``<folder>/a/x.jpg`` it writes, under ``out_dir``, beside each ot
 the image's path relative to the folder with its whole file name kept (so ``a/x.jpg`` and
 ``b/x.jpg``, or ``x.jpg`` and ``x.png``, never collide):
 
-- ``a/x.jpg.classes.png``: single-channel 8-bit class indices (value k = class k), at the size
-  the image was resized to (``bounds``);
+- ``a/x.jpg.classes.png``: single-channel 8-bit class indices (value k = class k), at the
+  image's own size (the forward pass sees it resized to ``bounds``; the class scores are
+  resized back, as in evaluation);
 - ``a/x.jpg.overlay.png``: the class colours over the image, with a legend
   (:func:`spar.viz.overlay`);
 - ``a/x.jpg.json``: the share of the pixels of each class name, the image's sizes and timings.
 
-Images of one resized size share a batch (``batch_size``). ``out_dir`` holds
+Images of one size share a batch (``batch_size``). ``out_dir`` holds
 :data:`FINGERPRINT_FILE`, the settings and weights (:mod:`spar.provenance`) the outputs were
 made from: a rerun into it with the same ones skips the images whose three outputs exist (an
 interrupted run resumes), one with others stops with :class:`ProvenanceError` naming each
@@ -36,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import SettingError
-from .data.images import fit_size, image_size, list_images, load_image, prepare_images
+from .data.images import image_size, list_images, load_image, prepare_images
 from .evaluation import prediction_to_png
 from .io import atomic_save_image, atomic_write_json
 from .protocol import PROTOCOL
@@ -231,8 +232,8 @@ def _is_done(image: Path, root: Path, paths: dict[str, Path]) -> bool:
 
 
 def _batches(sized: list[tuple[Path, tuple[int, int]]], batch_size: int) -> Iterator[list[Path]]:
-    """Images grouped by their resized (h, w), in order of first appearance, ``batch_size``
-    at most per batch."""
+    """Images grouped by their own (h, w) (so by their resized size too), in order of first
+    appearance, ``batch_size`` at most per batch."""
     groups: dict[tuple[int, int], list[Path]] = {}
     for image, size in sized:
         groups.setdefault(size, []).append(image)
@@ -277,11 +278,12 @@ def segment_path(
             synonym names the class in the overlay and the shares.
         out_dir: where the outputs and the fingerprint go.
         dense: another dense source to segment with (e.g. a ``SlidingWindowTeacher``).
-        bounds: (long, short) each image is resized to fit (``None``: its own size); the class
-            PNG and the overlay have the resized size.
+        bounds: (long, short) each image is resized to fit for the forward pass (``None``: its
+            own size); the class scores are resized back to the image's own size, as the
+            evaluation protocol does, so the class PNG and the overlay have the image's size.
         templates, logit_scale, prob_threshold, area_threshold, refiner, upsampler: as
             :class:`spar.segmentation.OpenVocabSegmenter`.
-        batch_size: images of one resized size per forward, at most.
+        batch_size: images of one size per forward, at most.
         show_progress: a tqdm bar (drawn only on a terminal).
         settings: anything else the outputs depend on that the arguments do not show (the
             command passes the refine/upsample configs and the backbone config); recorded in
@@ -334,7 +336,7 @@ def segment_path(
         except (ValueError, OSError) as error:
             skip(image, error)
             continue
-        todo.append((image, (height, width) if bounds is None else fit_size(height, width, bounds)))
+        todo.append((image, (height, width)))
 
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
@@ -399,15 +401,16 @@ def _segment_batch(
     )
     synchronize(device)
     forward_start = time.perf_counter()
-    masks = segmenter.predict(prepared.inputs).cpu()  # (B, h, w)
+    original = tuple(prepared.sizes[0])  # one size per batch (``_batches``)
+    masks = segmenter.predict(prepared.inputs, output_size=original).cpu()  # (B, H, W)
     synchronize(device)
     forward = (time.perf_counter() - forward_start) / len(loaded)
-    for index, (image, _) in enumerate(loaded):
+    for index, (image, pixels) in enumerate(loaded):
         image_started = time.perf_counter()
         paths = output_paths(image, root, out_dir)
         mask = masks[index]
         atomic_save_image(paths["classes"], prediction_to_png(mask))
-        atomic_save_image(paths["overlay"], overlay(prepared.pixels[index], mask, names))
+        atomic_save_image(paths["overlay"], overlay(pixels, mask, names))
         shared = (forward_start - started) / len(loaded) + forward
         info = {
             "image": image.relative_to(root).as_posix() if image != root else image.name,
@@ -415,7 +418,7 @@ def _segment_batch(
             "classes": names,
             "shares": class_shares(mask.numpy(), names),
             "original_size": list(prepared.sizes[index]),
-            "size": list(mask.shape),
+            "resized_size": list(prepared.inputs.shape[-2:]),
             "batch_images": len(loaded),
             "seconds": {
                 "forward": forward,
