@@ -159,7 +159,6 @@ def test_a_train_step_with_clip_tiny_p14_and_each_head_moves_the_student_toward_
         assert math.isfinite(first) and after < first
 
 
-@pytest.mark.slow  # a whole (small) distillation run
 def test_a_training_run_with_clip_tiny_p14_and_a_dense_head(tmp_path):
     summary, run = small_run(
         tmp_path,
