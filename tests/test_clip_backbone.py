@@ -16,7 +16,7 @@ from spar.config import SettingError
 from spar.distill.optimization import StudentOptimizer
 from spar.distill.settings import OptimSettings
 from spar.evaluation import run_evaluation
-from spar.models import backbone_entry, build_teacher, create_backbone
+from spar.models import WeightLoadingError, backbone_entry, build_teacher, create_backbone
 from spar.tools import speed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,6 +174,8 @@ def test_a_training_run_with_clip_tiny_p14_and_a_dense_head(tmp_path):
         "clip-tiny-p14", dense_head="clearclip", checkpoint=summary["checkpoint"]
     )
     assert student(torch.randn(1, 3, 112, 112)).shape == (1, 64, 8, 8)
+    with pytest.raises(WeightLoadingError, match="dense_head 'clearclip', not 'maskclip'"):
+        create_backbone("clip-tiny-p14", checkpoint=summary["checkpoint"])
 
 
 @pytest.mark.parametrize("features", ["student", "teacher"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from .base import DenseBackbone, TrainableBlocks
 from .checkpoint import load_any_checkpoint
 from .compiling import CompileSetting, check_compile_setting, compile_backbone
+from .weights import WeightLoadingError
 
 
 class _DefaultWeights:
@@ -148,9 +149,30 @@ def create_backbone(
         "options": {k: v for k, v in overrides.items() if _is_json(v)},
     }
     if checkpoint is not None:
-        load_any_checkpoint(backbone, checkpoint, expected_name=name)
+        loaded = load_any_checkpoint(backbone, checkpoint, expected_name=name)
+        if loaded.get("format") == "spar":
+            check_checkpoint_dense_head(loaded, backbone, checkpoint)
     backbone.set_trainable_blocks(trainable_blocks)
     return compile_backbone(backbone.eval(), compile)
+
+
+def check_checkpoint_dense_head(metadata: dict, backbone: DenseBackbone, path) -> None:
+    """A SPAR checkpoint's student was trained to reproduce one dense head's maps: refuse to
+    load it under another (checkpoints that name no head were trained with ``maskclip``).
+
+    Raises:
+        WeightLoadingError: naming both heads and the option that loads it.
+    """
+    current = getattr(backbone, "dense_head", None)
+    if current is None:
+        return
+    options = (metadata.get("backbone") or {}).get("options") or {}
+    saved = options.get("dense_head", "maskclip")
+    if saved != current:
+        raise WeightLoadingError(
+            f"checkpoint {path} was trained with dense_head {saved!r}, not {current!r}; "
+            f"load it with dense_head={saved!r} (backbone.dense_head={saved})"
+        )
 
 
 def _is_json(value) -> bool:
