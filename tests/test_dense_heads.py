@@ -206,3 +206,28 @@ def test_naclip_and_sclip_teacher_cache_keys_differ_and_maskclip_keeps_its_key(t
     assert identities["naclip"]["dense_head"] == "naclip"
     assert identities["sclip"]["dense_head"] == "sclip"
     assert len({str(sorted(i.items())) for i in identities.values()}) == 4
+
+
+def test_naclip_and_sclip_compile_to_one_graph_for_every_image_size():
+    """NACLIP's bias is a per-grid input of the compiled blocks, like rotary embeddings: one
+    dynamic graph serves every size, with the eager features."""
+    from spar.models import compile_backbone
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    try:
+        for head in ("naclip", "sclip"):
+            graphs.clear()
+            eager = create_backbone("clip-tiny-p14", dense_head=head)
+            compiled = compile_backbone(copy.deepcopy(eager), True, backend=counting_backend)
+            with torch.no_grad():
+                for batch, height, width in [(2, 112, 112), (2, 140, 168), (3, 98, 210)]:
+                    images = torch.randn(batch, 3, height, width)
+                    torch.testing.assert_close(compiled(images), eager(images), rtol=0, atol=0)
+            assert len(graphs) == 1, head
+    finally:
+        torch._dynamo.reset()
