@@ -39,6 +39,7 @@ from .io import atomic_path
 from .models.base import DenseBackbone, check_images
 from .protocol import PROTOCOL
 from .segmentation import Template, build_text_classifier, parse_classes
+from .utils import module_device
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
@@ -238,7 +239,7 @@ def export_onnx(
         raise ExportError(
             f"ONNX export needs the onnx extra: pip install 'spar[onnx]' ({error.name} missing)"
         ) from None
-    example = torch.randn(2, 3, *sides)
+    example = torch.randn(2, 3, *sides, device=module_device(backbone))
     check_images(example)
     dims = {
         0: torch.export.Dim("batch", min=1, max=MAX_BATCH),

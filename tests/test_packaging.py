@@ -137,7 +137,8 @@ def test_python_m_finds_the_packaged_configs_from_another_folder(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "backbone: dinov3txt, maskclip, siglip2, tiny" in result.stdout
+    backbones = "clip, clip-tiny, clip-tiny-p14, dinov3txt, maskclip, siglip2, siglip2-l16, "
+    assert f"backbone: {backbones}siglip2-so400m, tiny" in result.stdout
     assert "train_images: demo, sa1b, sa1b_extended" in result.stdout
 
 
@@ -216,5 +217,5 @@ def test_the_installed_wheel_trains_and_evaluates_from_another_folder(tmp_path):
         "show_progress=false",
         f"hydra.run.dir={tmp_path / 'eval'}",
     )
-    assert "ade20k (student)" in evaluated.stdout
+    assert "ade20k (student, weights " in evaluated.stdout
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["num_images"] == 3

@@ -44,7 +44,8 @@ def test_train_help_lists_only_the_groups_training_uses():
     result = _script("train.py", "--help")
     assert result.returncode == 0, result.stderr
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "backbone: dinov3txt, maskclip, siglip2, tiny" in groups
+    backbones = "clip, clip-tiny, clip-tiny-p14, dinov3txt, maskclip, siglip2, siglip2-l16, "
+    assert f"backbone: {backbones}siglip2-so400m, tiny" in groups
     assert "train_images: demo, sa1b, sa1b_extended" in groups
     assert "teacher: sliding_window" in groups
     assert "dataset" not in groups and "hydra" not in groups

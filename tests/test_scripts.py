@@ -17,11 +17,15 @@ from spar.tools.demo import compare_teacher_student
 )
 def test_backbone_configs_name_registered_backbones(path):
     config = yaml.safe_load(path.read_text())
-    assert config["name"] == path.stem
+    # A variant of a family (siglip2-l16: name siglip2 and its architecture) or the entry itself.
+    assert config["name"] == path.stem or (
+        path.stem.startswith(config["name"] + "-") and "architecture" in config
+    )
     entry = backbone_entry(config["name"])
     assert config["pretrained"] == entry.default_pretrained
     if config["pretrained"] is not None and entry.name in ("maskclip", "siglip2"):
-        model = {"maskclip": "ViT-B-16", "siglip2": "ViT-B-16-SigLIP2-512"}[entry.name]
+        default = {"maskclip": "ViT-B-16", "siglip2": "ViT-B-16-SigLIP2-512"}[entry.name]
+        model = config.get("architecture", default)
         assert config["pretrained"] in open_clip.list_pretrained_tags_by_model(model)
 
 
