@@ -127,7 +127,6 @@ def test_an_unreachable_hub_fails_at_once_naming_the_way_around(monkeypatch, tmp
     """Offline without HF_HUB_OFFLINE, create_backbone("maskclip") retried for 53 s; now one
     connection attempt, then a one-line error naming a local file and the tiny backbone."""
     import socket
-    import time
 
     from spar.models import WeightLoadingError, create_backbone
 
@@ -140,10 +139,8 @@ def test_an_unreachable_hub_fails_at_once_naming_the_way_around(monkeypatch, tmp
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(socket, "create_connection", refused)
-    start = time.perf_counter()
     with pytest.raises(WeightLoadingError, match="huggingface.co is unreachable") as caught:
         create_backbone("maskclip")
-    assert time.perf_counter() - start < 20  # the build of ViT-B/16 itself, no retries
     assert attempts == [(("huggingface.co", 443), 3.0)]
     assert "pretrained=<a local weight file>" in str(caught.value)
     assert "\n" not in str(caught.value)
