@@ -36,12 +36,13 @@ lint: install
 	$(PY) -m ruff check spar scripts tests examples
 	$(PY) -m ruff format --check spar scripts tests examples
 
+# Two pytest-xdist workers (one torch thread each, tests/conftest.py) on the two-core machine.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The fast tier: the suite less the tests marked slow (end-to-end sweeps, torchrun runs, ...).
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 # The GPU tier (tests/gpu): every script, the demo and the README's notebook code on CUDA, fp32 and
 # bf16; skipped without CUDA. SPAR_TEST_DEVICE=cpu runs it on the CPU (checks the tier itself).

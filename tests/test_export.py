@@ -184,7 +184,6 @@ BACKBONES = {  # key: (registry name, options)
     # patch_fit="stretch" (the default): the bicubic stretch is in the graph, an ONNX Resize.
     "dinov3txt-tiny": ("dinov3txt-tiny", {}),
     "dinov3txt-tiny-pad": ("dinov3txt-tiny", {"patch_fit": "pad"}),
-    "dinov3txt-tiny-head": ("dinov3txt-tiny", {"dense_tokens": "head"}),
 }
 
 
