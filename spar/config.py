@@ -174,6 +174,19 @@ def _remove_unused_run_folder() -> None:
     entries = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
     if entries <= {".hydra"}:
         shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_empty_parents(run_dir.parent, Path.cwd())
+
+
+def _remove_empty_parents(folder: Path, launch_dir: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, below ``launch_dir`` only (the
+    default run folder ``outputs/train/<backbone>/<id>`` creates its parents)."""
+    folder, launch_dir = folder.resolve(), launch_dir.resolve()
+    while launch_dir in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def used_config_groups() -> str:
