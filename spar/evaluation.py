@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import Subset
 
+from .class_names import display_names, load_class_names
 from .config import (
     RENAMED_SETTINGS,
     SettingError,
@@ -46,13 +47,13 @@ from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
 from .models import compile_report, create_backbone, dense_features
 from .models.compiling import check_compile_target
-from .models.teacher import check_feature_source
+from .models.teacher_config import check_feature_source
 from .output_names import relative_name, unique_names
 from .per_image import PerImageResults, check_recorded_settings, image_keys
 from .protocol import PROTOCOL
 from .refine import build_stages, check_stage_settings
 from .results_table import collect_results, format_results_table
-from .segmentation import OpenVocabSegmenter, display_names, load_class_names
+from .segmentation import OpenVocabSegmenter
 from .timing import synchronize
 from .utils import PRECISIONS, autocast_dtype, autocast_for
 
@@ -331,7 +332,7 @@ def check_eval_settings(config: dict[str, Any]) -> None:
     dataset is scanned, the backbone built and the names encoded."""
     dataset_classes(config["dataset"])
     if config.get("features") == "teacher":
-        from .models.teacher import check_teacher_settings
+        from .models.teacher_config import check_teacher_settings
 
         check_teacher_settings(config.get("teacher"), config["backbone"]["name"])
     bounds = config["dataset"].get("bounds")
@@ -356,7 +357,7 @@ def dataset_classes(data_cfg: dict[str, Any]) -> list[list[str]]:
 
     Raises :class:`~spar.config.SettingError` for an unknown ``name``, or a file whose number of
     classes differs from the benchmark's, naming the file and both counts;
-    :class:`~spar.segmentation.ClassNameError` for a file that cannot be used (empty, not UTF-8,
+    :class:`~spar.class_names.ClassNameError` for a file that cannot be used (empty, not UTF-8,
     a name given twice).
     """
     name = data_cfg.get("name")

@@ -18,7 +18,7 @@ patch row/column *before* the backbone) is not part of ``backbone(images)`` and 
 file: crop to multiples of the patch size before running it to get the paper's evaluation.
 
 :func:`export_text_embeddings` writes the prompt-ensemble text embeddings of a class list
-(:func:`spar.segmentation.build_text_classifier`) to a safetensors file, so a deployment needs
+(:func:`spar.text_classifier.build_text_classifier`) to a safetensors file, so a deployment needs
 no tokenizer or text tower.
 """
 
@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .class_names import parse_classes
 from .config import SettingError
 from .io import atomic_path
 from .models.base import DenseBackbone, check_images
 from .protocol import PROTOCOL
-from .segmentation import Template, build_text_classifier, parse_classes
+from .text_classifier import Template, build_text_classifier
 from .utils import module_device
 
 INPUT_NAME = "images"
@@ -279,7 +280,7 @@ def export_text_embeddings(
     """Write the prompt-ensemble text embeddings of ``class_names`` to a safetensors file.
 
     Tensors: ``embeddings`` (N_names, C) float32 unit-norm (synonyms adjacent, in class order)
-    and ``name_to_class`` (N_names,) int64, as :func:`spar.segmentation.build_text_classifier`
+    and ``name_to_class`` (N_names,) int64, as :func:`spar.text_classifier.build_text_classifier`
     returns them; the metadata ``classes`` holds the class names (one line per class, synonyms
     joined by ``", "``). The cosine of these with the L2-normalised dense features is the
     segmenter's name logit.

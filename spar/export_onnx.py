@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from spar.class_names import load_class_names, parse_classes
 from spar.config import reject_renamed_overrides, report_user_errors
 from spar.distributed import register_run_id_resolver
 from spar.export import (
@@ -25,7 +26,6 @@ from spar.export import (
     export_text_embeddings,
 )
 from spar.models import create_backbone
-from spar.segmentation import load_class_names, parse_classes
 
 register_run_id_resolver()
 

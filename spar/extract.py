@@ -18,7 +18,7 @@ from spar.features import extract_features
 from spar.io import atomic_write_json
 from spar.models import compile_report, create_backbone, dense_features
 from spar.models.compiling import check_compile_target, describe_compile_report
-from spar.models.teacher import check_feature_source, check_teacher_settings
+from spar.models.teacher_config import check_feature_source, check_teacher_settings
 from spar.utils import resolve_device
 
 register_run_id_resolver()

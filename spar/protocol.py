@@ -26,7 +26,7 @@ class EvalProtocol:
     Attributes:
         bounds: (long, short): an image is resized, keeping its aspect ratio, to fit it
             (mmcv's ``Resize(keep_ratio=True)`` rule, :func:`spar.imaging.resize_to_fit`).
-        templates: the prompt-template set (:data:`spar.segmentation.TEMPLATE_SETS`):
+        templates: the prompt-template set (:data:`spar.text_classifier.TEMPLATE_SETS`):
             ``imagenet80``, CLIP's 80 ImageNet templates.
         logit_scale: multiplies the cosine of a pixel's feature and a class-name embedding.
         logit_bias: added to the scaled cosine.

@@ -30,7 +30,7 @@ from spar.distributed import register_run_id_resolver
 from spar.io import atomic_save_image, atomic_write_json
 from spar.models import build_teacher, compile_report, create_backbone
 from spar.models.compiling import describe_compile_report
-from spar.models.teacher import check_teacher_settings
+from spar.models.teacher_config import check_teacher_settings
 from spar.refine import build_stages, check_stage_settings
 from spar.segment_images import check_output_folder, images_under, segment_path
 from spar.utils import resolve_device

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .class_names import display_names, parse_classes
 from .config import SettingError
 from .data.images import image_size, list_images, load_image, prepare_images
 from .evaluation import prediction_to_png
@@ -48,7 +49,7 @@ from .provenance import (
     settings_fingerprint,
     weights_digest,
 )
-from .segmentation import OpenVocabSegmenter, display_names, parse_classes
+from .segmentation import OpenVocabSegmenter
 from .timing import synchronize
 from .utils import module_device
 from .viz import overlay

@@ -1,227 +1,44 @@
-"""Training-free open-vocabulary segmentation: dense features against class-name embeddings."""
+"""Training-free open-vocabulary segmentation: dense features against class-name embeddings.
+
+:class:`OpenVocabSegmenter` classifies every pixel; the class lists are
+:mod:`spar.class_names`', the text embeddings :mod:`spar.text_classifier`'s. Their public
+names are importable from here too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import operator
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
-from .config import SettingError, renamed_arguments
+from .class_names import (  # noqa: F401 - all but ClassEntry and parse_classes: re-exported
+    ClassEntry,
+    ClassNameError,
+    display_names,
+    load_class_names,
+    parse_classes,
+)
+from .config import renamed_arguments
 from .deprecations import attribute_deprecation
 from .imaging import to_model_input
 from .models.base import check_images
 from .protocol import PROTOCOL
+from .text_classifier import (  # noqa: F401 - PROMPT_TEMPLATES, TEMPLATE_SETS, ...: re-exported
+    PROMPT_TEMPLATES,
+    TEMPLATE_SETS,
+    Template,
+    TextEncoder,
+    build_text_classifier,
+    resolve_templates,
+)
 from .utils import module_device
 
-Template = Callable[[str], str]
-ClassEntry = str | Sequence[str]
-TextEncoder = Callable[[list[str]], torch.Tensor]
 DenseFeatures = Callable[[torch.Tensor], torch.Tensor]
-
-# The 80 ImageNet prompt templates of CLIP, as open_clip ships them (callables name -> prompt).
-PROMPT_TEMPLATES: tuple[Template, ...] = tuple(OPENAI_IMAGENET_TEMPLATES)
-
-
-def _a_photo_of(name: str) -> str:
-    return f"a photo of a {name}."
-
-
-# Named template sets, the values of the ``templates`` setting: ``imagenet80`` is the paper's
-# protocol; ``single`` encodes one prompt per name (80x cheaper; tests and quick looks).
-TEMPLATE_SETS: dict[str, tuple[Template, ...]] = {
-    "imagenet80": PROMPT_TEMPLATES,
-    "single": (_a_photo_of,),
-}
-
-
-def resolve_templates(templates: str | Sequence[Template]) -> tuple[Template, ...]:
-    """A template-set name (see :data:`TEMPLATE_SETS`) or callables ``name -> prompt``."""
-    if isinstance(templates, str):
-        if templates not in TEMPLATE_SETS:
-            raise ValueError(
-                f"unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)} or a "
-                "list of callables name -> prompt"
-            )
-        return TEMPLATE_SETS[templates]
-    return tuple(templates)
-
-
-class ClassNameError(SettingError):
-    """A class list or class-name file cannot be used: empty, unreadable, a class without a
-    name, or a name given twice; the message names the file (or ``classes``) and the names."""
-
-
-#: At most this many repeated names are quoted in an error (a pasted list may repeat hundreds).
-_REPEATS_SHOWN = 5
-
-
-def _class_synonyms(classes: Sequence[ClassEntry]) -> list[list[str]]:
-    """Class entries -> one list of stripped, non-empty names per class (see
-    :func:`parse_classes`), without the check for repeated names."""
-    if isinstance(classes, str):
-        raise ClassNameError(f"classes must be a list of class entries, not the string {classes!r}")
-    parsed = []
-    for index, entry in enumerate(classes):
-        parts = entry.split(",") if isinstance(entry, str) else list(entry)
-        names = [str(name).strip() for name in parts if str(name).strip()]
-        if not names:
-            raise ClassNameError(f"class {index} ({entry!r}) has no name")
-        parsed.append(names)
-    if not parsed:
-        raise ClassNameError("the class list is empty: give at least one class name")
-    return parsed
-
-
-def _name_key(name: str) -> str:
-    """What two class names are compared by: case and runs of spaces ignored (CLIP's tokenizer
-    lowercases and collapses spaces, so ``"Car"`` and ``"car"`` give one embedding)."""
-    return " ".join(name.casefold().split())
-
-
-def _places(places: list[str], shown: int = 3) -> str:
-    """``"line 2, line 5"``; past ``shown`` places: ``"class 0, class 9, class 12, ... 40 times"``
-    (the count of all)."""
-    more = f", ... {len(places)} times" if len(places) > shown else ""
-    return ", ".join(places[:shown]) + more
-
-
-def _reject_repeated_names(synonyms: list[list[str]], where: str, positions: Sequence[str]) -> None:
-    """Raise :class:`ClassNameError` when a name appears twice in ``synonyms`` (within a class
-    or across classes): the second copy could never win a pixel. ``positions`` names where each
-    class came from (``"class 3"``, ``"line 7"``); ``where`` is the list (``classes`` or the
-    file)."""
-    seen: dict[str, list[str]] = {}
-    for position, names in zip(positions, synonyms, strict=True):
-        for name in names:
-            seen.setdefault(_name_key(name), []).append(position)
-    repeated = [(name, places) for name, places in seen.items() if len(places) > 1]
-    if not repeated:
-        return
-    shown = "; ".join(f"{name!r} ({_places(places)})" for name, places in repeated[:_REPEATS_SHOWN])
-    more = f"; and {len(repeated) - _REPEATS_SHOWN} more" if len(repeated) > _REPEATS_SHOWN else ""
-    raise ClassNameError(
-        f"{where}: class names given more than once (compared ignoring case): {shown}{more}; "
-        "give each name once (synonyms of one class go on one entry, comma-separated)"
-    )
-
-
-def parse_classes(classes: Sequence[ClassEntry]) -> list[list[str]]:
-    """Normalise a class list to synonym lists.
-
-    Each entry is a name, a comma-separated string of synonyms (``"person, pedestrian"``) or a
-    sequence of synonyms (``["tv", "monitor"]``). Returns one list of stripped, non-empty names
-    per class, in order.
-
-    Raises:
-        ClassNameError: (a ``ValueError``) the list is empty, is a single string, a class has no
-            name, or a name appears twice (ignoring case), within a class or across classes.
-    """
-    synonyms = _class_synonyms(classes)
-    positions = [f"class {index}" for index in range(len(synonyms))]
-    _reject_repeated_names(synonyms, "classes", positions)
-    return synonyms
-
-
-def display_names(classes: Sequence[ClassEntry]) -> list[str]:
-    """The name each class is shown under in pictures, legends and results: its first synonym
-    (``"person, pedestrian"`` -> ``"person"``); the classes are checked by :func:`parse_classes`."""
-    return [synonyms[0] for synonyms in parse_classes(classes)]
-
-
-def _read_class_file(path: Path) -> str:
-    """The text of a class-name file (UTF-8; a byte-order mark is dropped)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ClassNameError(
-            f"class-name file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} "
-            f"at offset {error.start}); save it as UTF-8, one class per line"
-        ) from None
-
-
-def load_class_names(path: str | Path) -> list[list[str]]:
-    """Read a class-name file: one class per line, comma-separated synonyms, blank lines skipped.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ClassNameError: (a ``ValueError``) the file is not UTF-8, holds no class, a line holds no
-            name (e.g. ``" , "``), or a name appears twice (ignoring case); the message names
-            the file and, for repeated names, their lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file not found: {path}")
-    numbered = [
-        (number, line)
-        for number, line in enumerate(_read_class_file(path).splitlines(), start=1)
-        if line.strip()
-    ]
-    if not numbered:
-        raise ClassNameError(f"class-name file {path} holds no class names (it is empty or blank)")
-    try:
-        synonyms = _class_synonyms([line for _, line in numbered])
-    except ClassNameError as error:
-        raise ClassNameError(f"class-name file {path}: {error}") from None
-    positions = [f"line {number}" for number, _ in numbered]
-    _reject_repeated_names(synonyms, f"class-name file {path}", positions)
-    return synonyms
-
-
-def _encode_prompts(encode_text: TextEncoder, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """(P,) prompts -> (P, C) float32 unit-norm embeddings, ``batch_size`` prompts per call."""
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        encoded = encode_text(batch)
-        if encoded.ndim != 2 or encoded.shape[0] != len(batch):
-            raise ValueError(
-                f"encode_text must map {len(batch)} prompts to a ({len(batch)}, C) tensor, "
-                f"got shape {tuple(encoded.shape)}"
-            )
-        chunks.append(F.normalize(encoded.float(), dim=-1))
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def build_text_classifier(
-    encode_text: TextEncoder,
-    classes: Sequence[ClassEntry],
-    templates: str | Sequence[Template] = PROTOCOL.templates,
-    batch_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt-ensemble text embeddings of every name of every class.
-
-    For each name, every template is formatted with it and encoded by ``encode_text``
-    (``list[str] -> (n, C)``); each embedding is L2-normalised, the embeddings are averaged over
-    the templates, and the average is renormalised.
-
-    Returns:
-        embeddings: (N_names, C) float32, unit norm; names in class order, synonyms adjacent.
-        name_to_class: (N_names,) long, the class index of every name.
-
-        Both live on the device ``encode_text`` returns its embeddings on.
-    """
-    templates = resolve_templates(templates)
-    if not templates:
-        raise ValueError("at least one prompt template is needed")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    synonyms = parse_classes(classes)
-    names = [name for group in synonyms for name in group]
-    prompts = [template(name) for name in names for template in templates]
-    per_prompt = _encode_prompts(encode_text, prompts, batch_size)
-    name_to_class = torch.tensor(
-        [i for i, group in enumerate(synonyms) for _ in group], device=per_prompt.device
-    )
-    per_name = per_prompt.view(len(names), len(templates), -1).mean(dim=1)
-    return F.normalize(per_name, dim=-1), name_to_class
 
 
 def _check_fraction(value: float | None, name: str) -> None:

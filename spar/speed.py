@@ -18,7 +18,7 @@ from spar.deprecations import module_getattr
 from spar.distributed import register_run_id_resolver
 from spar.io import atomic_write_bytes, atomic_write_json
 from spar.models import create_backbone
-from spar.models.teacher import check_teacher_settings
+from spar.models.teacher_config import check_teacher_settings
 from spar.tools import speed as measure
 from spar.utils import configure_matmul_precision, resolve_device
 

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from .class_names import display_names
 from .config import renamed_arguments
 from .imaging import ImageInput, prepare_images
 from .protocol import PROTOCOL
-from .segmentation import OpenVocabSegmenter, display_names
+from .segmentation import OpenVocabSegmenter
 from .utils import module_device
 
 #: Pixel size of the legend and title text. Pillow's scalable default font (FreeType) is used:
@@ -203,7 +204,7 @@ def segmentation_picture(
             ``bounds`` (long, short) keeping its aspect ratio (``None``: as it is).
         classes: class entries, each a name or synonyms (``"person, pedestrian"``).
         dense: other dense features to segment with, e.g. a ``SlidingWindowTeacher``.
-        templates: prompt templates (a set name of ``spar.segmentation.TEMPLATE_SETS``).
+        templates: prompt templates (a set name of ``spar.text_classifier.TEMPLATE_SETS``).
         bounds, templates, logit_scale, logit_bias, prob_threshold, area_threshold: default to
             the evaluation protocol's (:data:`spar.protocol.PROTOCOL`).
         refiner, upsampler: optional refinement stages (``spar.refine.build_stages``).

@@ -5,7 +5,7 @@ Importing this package also registers the structured configs (Hydra's ``ConfigSt
 ``schema``) that hold the defaults, so that no YAML file repeats one: a YAML names its schema in
 its defaults list and writes only what differs from it.
 
-- ``schema/teacher``: :class:`spar.models.teacher.TeacherSettings` (``configs/teacher``);
+- ``schema/teacher``: :class:`spar.models.teacher_config.TeacherSettings` (``configs/teacher``);
 - ``schema/optim``, ``schema/trainer``: :class:`spar.distill.settings.OptimSettings`,
   :class:`~spar.distill.settings.TrainerSettings` (``optim``, ``trainer`` of ``train.yaml``);
 - ``schema/lposs``, ``schema/anyup``: :class:`spar.refine.lposs.LPOSSSettings`,
@@ -26,7 +26,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from ..distill.settings import OptimSettings, TrainerSettings
-from ..models.teacher import TeacherSettings
+from ..models.teacher_config import TeacherSettings
 from ..protocol import BenchmarkSettings, EvalProtocol, protocol_defaults
 from ..refine.anyup import AnyUpSettings
 from ..refine.lposs import LPOSSSettings

@@ -143,7 +143,7 @@ def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, Traine
         ImportError: ``trainer.tensorboard=true`` without the ``tensorboard`` package.
     """
     from ..models.compiling import check_compile_setting
-    from ..models.teacher import check_teacher_settings
+    from ..models.teacher_config import check_teacher_settings
     from .checkpointing import check_resumable  # checkpointing imports torch models
 
     optim = settings_from(OptimSettings, dict(config["optim"]), "optim")

@@ -11,8 +11,10 @@ from .registry import (
     list_backbones,
     register_backbone,
 )
-from .teacher import SlidingWindowTeacher, WindowLayout, build_teacher, dense_features
+from .teacher import SlidingWindowTeacher
+from .teacher_config import build_teacher, dense_features
 from .weights import WeightLoadingError
+from .windows import WindowLayout
 
 __all__ = [
     "BackboneConfig",

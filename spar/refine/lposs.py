@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..imaging import resize_to_fit, to_model_input
-from ..models.teacher import window_offsets
+from ..models.windows import window_offsets
 from .anyup import HUB
 from .colour import rgb_to_lab
 from .graph import PixelGraph, knn_patch_graph, propagate

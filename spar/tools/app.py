@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..class_names import display_names, parse_classes
 from ..configs import CONFIG_DIR
 from ..data import list_images, prepare_image
 from ..data.samples import SAMPLE_IMAGES
@@ -34,7 +35,7 @@ from ..models import build_teacher, create_backbone, from_pretrained, list_backb
 from ..models.pretrained import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 from ..protocol import PROTOCOL
 from ..provenance import file_digest
-from ..segmentation import OpenVocabSegmenter, display_names, parse_classes
+from ..segmentation import OpenVocabSegmenter
 from ..timing import timed_call
 from ..utils import module_device, resolve_device
 from ..viz import overlay, palette, pca_picture, source_title

@@ -22,13 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ..class_names import display_names
 from ..config import renamed_arguments, report_user_errors
 from ..data import SAMPLE_IMAGES, list_images, prepare_image
 from ..data.images import set_max_image_pixels
 from ..io import atomic_save_image, atomic_write_json
 from ..models import SlidingWindowTeacher, build_teacher, create_backbone
-from ..models.teacher import check_teacher_settings
-from ..segmentation import OpenVocabSegmenter, display_names
+from ..models.teacher_config import check_teacher_settings
+from ..segmentation import OpenVocabSegmenter
 from ..timing import timed_call
 from ..utils import module_device, resolve_device
 from ..viz import overlay, pca_picture, source_title

@@ -780,7 +780,7 @@ class GuaranteeTrials:
             (folder / f"{what}.txt").write_bytes(content)
 
         def work():
-            from ..segmentation import load_class_names
+            from ..class_names import load_class_names
 
             return {w: _error_of(lambda w=w: load_class_names(folder / f"{w}.txt")) for w in files}
 
