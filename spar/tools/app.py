@@ -33,6 +33,7 @@ from ..data import list_images, prepare_image
 from ..data.samples import SAMPLE_IMAGES
 from ..models import build_teacher, create_backbone, from_pretrained, list_backbones
 from ..models.pretrained import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
+from ..models.teacher_config import TeacherSettings
 from ..protocol import PROTOCOL
 from ..provenance import file_digest
 from ..segmentation import OpenVocabSegmenter
@@ -205,7 +206,7 @@ def segment_page(
     image: str | Path | torch.Tensor,
     classes: Sequence[str | Sequence[str]],
     *,
-    teacher_stride: int | None = 24,
+    teacher_stride: int | None = TeacherSettings.stride,
     templates: str = PROTOCOL.templates,
     logit_scale: float = PROTOCOL.logit_scale,
     prob_threshold: float | None = None,
@@ -403,7 +404,9 @@ def build_page(
                     )
                 with gr.Row():
                     show_teacher = gr.Checkbox(True, label="teacher beside the student")
-                    stride = gr.Slider(8, 512, value=24, step=8, label="teacher stride (px)")
+                    stride = gr.Slider(
+                        8, 512, value=TeacherSettings.stride, step=8, label="teacher stride (px)"
+                    )
                 with gr.Row():
                     templates = gr.Radio(
                         ["imagenet80", "single"], value=PROTOCOL.templates, label="prompt templates"
