@@ -3,7 +3,9 @@
 
 The config layout is that of ``configs/train.yaml``: ``backbone``, ``teacher`` (the
 ``configs/teacher`` group's window, stride and batch size, plus ``cache`` and ``cache_dir``),
-``train_images``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``.
+``train_images``, ``heldout``, ``optim``, ``trainer``, ``device``, ``resume``. :func:`prepare`
+checks it once into a typed :class:`~spar.distill.settings.DistillationSettings` and passes its
+parts down; the resolved dict is kept only as the run's record (checkpoints, fingerprint).
 """
 
 from __future__ import annotations
@@ -19,21 +21,27 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from ..config import RENAMED_SETTINGS, SettingError, check_renamed
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, list_images, set_max_image_pixels
+from ..data.images import list_images, set_max_image_pixels
 from ..distributed import DistributedContext, init_distributed
 from ..io import atomic_write_json
 from ..models import build_teacher, create_backbone
 from ..models.compiling import compile_report
 from ..provenance import file_digest, same_folder, weights_digest
 from ..utils import autocast_dtype, autocast_for
-from .augment import AugmentationRecipe
 from .cache import TeacherFeatureCache
 from .data import DistillationViews, ImageSplit, split_images
-from .fingerprint import check_resume, check_resume_allow, training_fingerprint
+from .fingerprint import check_resume, training_fingerprint
 from .heldout import HeldoutSet, build_heldout_sets
 from .loop import HookBase
 from .run_log import RunFolder, require_writable_folder
-from .settings import OptimSettings, TrainerSettings, check_training_config
+from .settings import (
+    DistillationSettings,
+    HeldoutSettings,
+    OptimSettings,
+    TrainerSettings,
+    TrainImagesSettings,
+    training_settings,
+)
 from .targets import TeacherTargets
 from .trainer import Distiller
 
@@ -51,46 +59,46 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 @dataclass
 class DistillationSetup:
-    """The pieces of a run, built from a config (see :func:`prepare`)."""
+    """The pieces of a run, built from a config (see :func:`prepare`): ``settings``, checked
+    and typed, and ``config``, the resolved dict kept as the run's record."""
 
     config: dict[str, Any]
+    settings: DistillationSettings
     context: DistributedContext
     student: nn.Module
     targets: TeacherTargets
     split: ImageSplit
     root: Path
     views: DistillationViews
-    optim: OptimSettings
-    trainer: TrainerSettings
     fingerprint: dict[str, Any]  # what the run is made from (spar.distill.fingerprint)
     resume_changes: dict[str, tuple[Any, Any]]  # key -> (old, new) that resume_allow let through
 
+    @property
+    def optim(self) -> OptimSettings:
+        return self.settings.optim
 
-def image_root(data: dict[str, Any]) -> Path:
-    """``train_images.root``, or the bundled sample images when it is ``None``."""
-    if data.get("root") is None:
-        from ..data.samples import SAMPLE_IMAGES
-
-        return SAMPLE_IMAGES
-    return Path(data["root"]).expanduser()
+    @property
+    def trainer(self) -> TrainerSettings:
+        return self.settings.trainer
 
 
-def _split(config: dict[str, Any], root: Path) -> tuple[ImageSplit, Path]:
+def _split(
+    data: TrainImagesSettings, heldout: HeldoutSettings, root: Path
+) -> tuple[ImageSplit, Path]:
     """The training and held-out images, and the held-out folder; a ``heldout.root`` whose
     images are training images too (the same folder, or the same files) is refused."""
-    data, heldout_cfg = config["train_images"], config["heldout"]
-    if not heldout_cfg.get("root"):
+    if heldout.root is None:
         paths = list_images(root)
-        return split_images(paths, heldout_cfg["num_images"], data.get("max_images")), root
-    heldout_root = Path(heldout_cfg["root"]).expanduser()
+        return split_images(paths, heldout.num_images, data.max_images), root
+    heldout_root = heldout.root
     if same_folder(heldout_root, root):
         raise SettingError(
             f"heldout.root {heldout_root} is the training folder (train_images.root {root}): "
             "held-out images would be trained on; leave heldout.root null (the last "
             "heldout.num_images images are held out) or name a folder of other images"
         )
-    heldout_paths = list_images(heldout_root)[: heldout_cfg["num_images"]]
-    split = ImageSplit(list_images(root)[: data.get("max_images")], heldout_paths)
+    heldout_paths = list_images(heldout_root)[: heldout.num_images]
+    split = ImageSplit(list_images(root)[: data.max_images], heldout_paths)
     shared = _shared_files(split.heldout, split.train)
     if shared:
         names = ", ".join(str(path) for path in shared[:3]) + (", ..." if len(shared) > 3 else "")
@@ -131,22 +139,20 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
     ``resume_allow`` lists the keys that may differ)."""
     config = _plain(cfg)
     check_renamed(config, RENAMED_SETTINGS["train"], "prepare")
-    optim, trainer = check_training_config(config)
-    resume_allow = check_resume_allow(config)
-    set_max_image_pixels(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
-    teacher_cfg, data = config["teacher"], config["train_images"]
-    cached = teacher_cfg.get("cache", True)
-    if cached:
-        require_writable_folder(teacher_cfg["cache_dir"], "teacher.cache_dir")
-    root = image_root(data)
-    split, heldout_root = _split(config, root)
-    context = context or init_distributed(config.get("device", "auto"))
+    settings = training_settings(config)
+    trainer, data, cache = settings.trainer, settings.train_images, settings.teacher
+    set_max_image_pixels(settings.max_image_pixels)
+    if cache.cache:
+        require_writable_folder(cache.cache_dir, "teacher.cache_dir")
+    root = data.folder
+    split, heldout_root = _split(data, settings.heldout, root)
+    context = context or init_distributed(settings.device)
 
-    student = create_backbone(**config["backbone"], compile=config.get("compile", False))
+    student = create_backbone(**settings.backbone.create_kwargs(), compile=settings.compile)
     base_weights = weights_digest(student)  # before any training step changes them
     frozen = copy.deepcopy(student).requires_grad_(False).eval().to(context.device)
     # The frozen copy serves only the teacher: a low precision converts it in place.
-    teacher = build_teacher(frozen, teacher_cfg, trainer.precision, copy_backbone=False)
+    teacher = build_teacher(frozen, cache.settings, trainer.precision, copy_backbone=False)
     precision = autocast_dtype(trainer.precision, context.device)
     fingerprint = training_fingerprint(
         config,
@@ -158,29 +164,29 @@ def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -
         heldout_root=heldout_root,
     )
     changes = {}
-    if config.get("resume") is not None:
-        changes = check_resume(config["resume"], fingerprint, resume_allow)
+    if settings.resume is not None:
+        changes = check_resume(settings.resume, fingerprint, settings.resume_allow)
 
     targets = TeacherTargets(
         teacher,
         root,
-        cache=TeacherFeatureCache(teacher_cfg["cache_dir"]) if cached else None,
+        cache=TeacherFeatureCache(cache.cache_dir) if cache.cache else None,
         autocast=autocast_for(trainer.precision, context.device),
-        name=config["backbone"]["name"],
+        name=settings.backbone.name,
     )
     views = DistillationViews(
         split.train,
         root,
-        AugmentationRecipe.from_dict(data["augment"]),
+        data.augment,
         student.mean,
         student.std,
-        augment_seed=data.get("augment_seed", 0),
-        draws_per_image=data.get("draws_per_image", 1),
-        fixed_views=cached,
-        targets=targets if cached else None,
+        augment_seed=data.augment_seed,
+        draws_per_image=data.draws_per_image,
+        fixed_views=cache.cache,
+        targets=targets if cache.cache else None,
     )
     return DistillationSetup(
-        config, context, student, targets, split, root, views, optim, trainer, fingerprint, changes
+        config, settings, context, student, targets, split, root, views, fingerprint, changes
     )
 
 
@@ -202,10 +208,10 @@ def fill_cache(setup: DistillationSetup) -> dict[str, Any]:
 
 def heldout_sets(setup: DistillationSetup) -> tuple[list[HeldoutSet], list[str]]:
     """Held-out sets with teacher maps (rank 0 only; from/to the cache when there is one)."""
-    config = setup.config
-    if not setup.context.is_main or config["heldout"]["num_images"] <= 0:
+    heldout = setup.settings.heldout
+    if not setup.context.is_main or heldout.num_images <= 0:
         return [], []
-    return build_heldout_sets(setup.split.heldout, config["heldout"]["sizes"], setup.targets)
+    return build_heldout_sets(setup.split.heldout, heldout.sizes, setup.targets)
 
 
 def fill_heldout_cache(setup: DistillationSetup) -> list[str]:
@@ -230,10 +236,9 @@ def run_distillation(
     if (Path(out_dir) / "checkpoints").is_dir():  # a run folder resumed in place
         require_writable_folder(Path(out_dir) / "checkpoints", "the checkpoint folder")
     setup = prepare(cfg)
-    config, context = setup.config, setup.context
     # Rank 0 is the one writer of the run folder: refuse one that holds another run (unless
     # resuming it) or that another process writes, before the cache fill.
-    folder = RunFolder(out_dir, config.get("resume")) if context.is_main else None
+    folder = RunFolder(out_dir, setup.settings.resume) if setup.context.is_main else None
     try:
         return _distil(setup, out_dir, hooks)
     finally:
@@ -263,7 +268,7 @@ def _distil(
         hooks=hooks,
         fingerprint=setup.fingerprint,
     )
-    summary = distiller.fit(resume=config.get("resume"), changes=setup.resume_changes)
+    summary = distiller.fit(resume=setup.settings.resume, changes=setup.resume_changes)
     summary["train_images"] = len(setup.split.train)
     summary["train_views"] = len(setup.views)
     summary["heldout_images"] = len(setup.split.heldout)

@@ -14,12 +14,16 @@ seconds instead of after the teacher-cache fill.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..config import SettingError, is_int_not_bool, require, require_bool, require_int
+from ..models.teacher_config import TeacherSettings
 from ..utils import PRECISIONS
+from .augment import AugmentationRecipe
 
 SCHEDULES = ("constant", "cosine")
 
@@ -131,19 +135,95 @@ def settings_from(kind: type, values: dict[str, Any], section: str) -> Any:
     return kind(**values)
 
 
-def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, TrainerSettings]:
-    """Check every value of a resolved ``train.yaml`` config that the run reads, before any
-    long work; returns the optimizer and loop settings.
+@dataclass(frozen=True)
+class BackboneSettings:
+    """The ``backbone`` node: the registered ``name`` and the other keyword arguments of
+    :func:`spar.models.create_backbone` (``pretrained``, ``trainable_blocks``, ...), as given."""
 
-    Raises:
-        SettingError: naming the key and the value (e.g. ``trainer.batch_size must be an
-            integer >= 1, got 0``).
-        FileNotFoundError: ``resume`` or ``heldout.root`` names something that is not there.
-        WeightLoadingError: the ``resume`` training state cannot be read (the file is named).
-        ImportError: ``trainer.tensorboard=true`` without the ``tensorboard`` package.
-    """
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``create_backbone`` (``name`` included)."""
+        return {"name": self.name, **self.options}
+
+
+@dataclass(frozen=True)
+class TeacherRunSettings:
+    """The ``teacher`` node of a training run: the teacher itself (``settings``, what
+    :func:`spar.models.build_teacher` reads) and its training cache (``cache``: stored teacher
+    maps, ``False``: an online teacher; ``cache_dir``: where, ``None`` without a cache)."""
+
+    settings: TeacherSettings
+    cache: bool = True
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainImagesSettings:
+    """The ``train_images`` node: the image folder (``root``; ``None``: the bundled samples),
+    the first ``max_images`` of it (``None``: all), ``draws_per_image`` views of each, drawn by
+    ``augment`` with ``augment_seed``."""
+
+    root: Path | None
+    augment: AugmentationRecipe
+    max_images: int | None = None
+    draws_per_image: int = 1
+    augment_seed: int = 0
+
+    @property
+    def folder(self) -> Path:
+        """``root``, or the bundled sample images when it is ``None``."""
+        if self.root is None:
+            from ..data.samples import SAMPLE_IMAGES
+
+            return SAMPLE_IMAGES
+        return self.root
+
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """The ``heldout`` node: ``num_images`` held-out images (the last of the training folder, or
+    the first of ``root``), compared with the teacher at each (long, short) size of ``sizes``."""
+
+    num_images: int
+    sizes: tuple[tuple[int, int], ...]
+    root: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistillationSettings:
+    """Every setting of a training run, checked once (:func:`training_settings`) and passed down
+    in typed parts; the resolved config dict stays the run's record (checkpoints, fingerprint).
+
+    ``max_image_pixels`` is ``None`` for Pillow's own limit; ``resume_allow`` is empty without
+    ``resume``."""
+
+    backbone: BackboneSettings
+    teacher: TeacherRunSettings
+    train_images: TrainImagesSettings
+    heldout: HeldoutSettings
+    optim: OptimSettings
+    trainer: TrainerSettings
+    device: str = "auto"
+    compile: bool | str = False
+    resume: Path | None = None
+    resume_allow: tuple[str, ...] = ()
+    max_image_pixels: int | None = None
+
+
+def _path(value: Any, expand: bool = True) -> Path | None:
+    if value is None:
+        return None
+    return Path(value).expanduser() if expand else Path(value)
+
+
+def _checked_parts(config: dict[str, Any]) -> dict[str, Any]:
+    """The checks of :func:`check_training_config`, in order; the typed parts but
+    ``resume_allow``."""
+    from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
     from ..models.compiling import check_compile_setting
-    from ..models.teacher_config import check_teacher_settings
+    from ..models.teacher_config import TEACHER_SETTINGS, check_teacher_settings
     from .checkpointing import check_resumable  # checkpointing imports torch models
 
     optim = settings_from(OptimSettings, dict(config["optim"]), "optim")
@@ -163,17 +243,79 @@ def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, Traine
             cache_dir,
             "a folder",
         )
-    check_teacher_settings(teacher, config["backbone"]["name"])
+    backbone = config["backbone"]
+    check_teacher_settings(teacher, backbone["name"])
     data = config["train_images"]
     require_int("train_images.max_images", data.get("max_images"), 1, optional=True)
     require_int("train_images.draws_per_image", data.get("draws_per_image", 1), 1)
     require_int("train_images.augment_seed", data.get("augment_seed", 0), 0)
-    _check_heldout(config["heldout"])
+    heldout = config["heldout"]
+    _check_heldout(heldout)
     require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
     check_compile_setting(config.get("compile", False))
     if config.get("resume") is not None:
         check_resumable(config["resume"])
-    return optim, trainer
+    cached = teacher.get("cache", True)
+    return {
+        "backbone": BackboneSettings(
+            backbone["name"], MappingProxyType({k: v for k, v in backbone.items() if k != "name"})
+        ),
+        "teacher": TeacherRunSettings(
+            TeacherSettings(**{k: teacher[k] for k in TEACHER_SETTINGS if k in teacher}),
+            cache=cached,
+            cache_dir=Path(teacher["cache_dir"]) if cached else None,
+        ),
+        "train_images": TrainImagesSettings(
+            root=_path(data.get("root")),
+            augment=AugmentationRecipe.from_dict(data["augment"]),
+            max_images=data.get("max_images"),
+            draws_per_image=data.get("draws_per_image", 1),
+            augment_seed=data.get("augment_seed", 0),
+        ),
+        "heldout": HeldoutSettings(
+            num_images=heldout["num_images"],
+            sizes=tuple((size[0], size[1]) for size in heldout["sizes"]),
+            root=_path(heldout.get("root") or None),  # "" too: the training folder's last
+        ),
+        "optim": optim,
+        "trainer": trainer,
+        "device": config.get("device", "auto"),
+        "compile": config.get("compile", False),
+        "resume": _path(config.get("resume"), expand=False),
+        "max_image_pixels": config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+    }
+
+
+def training_settings(config: dict[str, Any]) -> DistillationSettings:
+    """Check every value of a resolved ``train.yaml`` config (a plain dict) that the run reads,
+    before any long work (:func:`check_training_config`, then ``resume_allow``), and return
+    them as one typed, frozen :class:`DistillationSettings`.
+
+    Raises:
+        SettingError, FileNotFoundError, WeightLoadingError, ImportError: as
+            :func:`check_training_config`; ``SettingError`` for a bad ``resume_allow`` too.
+        ValueError: an unknown ``train_images.augment`` key.
+    """
+    from .fingerprint import check_resume_allow  # fingerprint imports torch models
+
+    parts = _checked_parts(config)
+    return DistillationSettings(**parts, resume_allow=tuple(check_resume_allow(config)))
+
+
+def check_training_config(config: dict[str, Any]) -> tuple[OptimSettings, TrainerSettings]:
+    """Check every value of a resolved ``train.yaml`` config that the run reads, before any
+    long work; returns the optimizer and loop settings (:func:`training_settings` returns all
+    of them, ``resume_allow`` checked too).
+
+    Raises:
+        SettingError: naming the key and the value (e.g. ``trainer.batch_size must be an
+            integer >= 1, got 0``).
+        FileNotFoundError: ``resume`` or ``heldout.root`` names something that is not there.
+        WeightLoadingError: the ``resume`` training state cannot be read (the file is named).
+        ImportError: ``trainer.tensorboard=true`` without the ``tensorboard`` package.
+    """
+    parts = _checked_parts(config)
+    return parts["optim"], parts["trainer"]
 
 
 def _check_heldout(heldout: dict[str, Any]) -> None:

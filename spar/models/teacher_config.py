@@ -95,7 +95,7 @@ def check_teacher_settings(
 
 def build_teacher(
     backbone: nn.Module,
-    settings: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | TeacherSettings | None = None,
     precision: str = "fp32",
     copy_backbone: bool = True,
 ) -> SlidingWindowTeacher:
@@ -109,7 +109,7 @@ def build_teacher(
         settings: ``window`` (``None``: the backbone's native size), ``stride``, ``batch_size``
             (the cap on windows per forward) and ``compile``; other keys (e.g. the training
             cache's) are not the teacher's and are ignored. Missing keys take
-            :class:`TeacherSettings`'s defaults.
+            :class:`TeacherSettings`'s defaults. A :class:`TeacherSettings` is read as well.
         precision: ``fp32`` (the backbone as it is), ``bf16``, ``fp16`` or ``auto`` (bf16 on a
             CUDA device that supports it), resolved on the backbone's device by
             :func:`spar.utils.autocast_dtype`; a low precision gives the teacher a copy of the
@@ -120,6 +120,8 @@ def build_teacher(
     from .teacher import SlidingWindowTeacher  # here: the teacher module imports this one
 
     settings = settings or {}
+    if isinstance(settings, TeacherSettings):
+        settings = {k: getattr(settings, k) for k in TEACHER_SETTINGS}
     return SlidingWindowTeacher(
         backbone,
         **{k: settings[k] for k in TEACHER_SETTINGS if k in settings},
