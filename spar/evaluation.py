@@ -20,20 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import Subset
 
-from .class_names import display_names, load_class_names
-from .config import (
-    RENAMED_SETTINGS,
-    SettingError,
-    check_renamed,
-    require,
-    require_bool,
-    require_int,
-)
-from .data.benchmarks import BENCHMARKS, IGNORE_INDEX, SegmentationBenchmark, check_split
+from .class_names import display_names
+from .data.benchmarks import IGNORE_INDEX, SegmentationBenchmark, check_split
 from .distributed import DistributedContext, init_distributed
 from .eval_fingerprint import (
     KEYS_KNOWN_LATER,
@@ -42,22 +33,23 @@ from .eval_fingerprint import (
     evaluation_settings,
     model_fingerprint,
 )
-from .imaging import DEFAULT_MAX_IMAGE_PIXELS, prepare_images, set_max_image_pixels
+from .eval_settings import DatasetSettings, EvalSettings, check_eval_settings, dataset_classes
+from .imaging import prepare_images, set_max_image_pixels
 from .io import atomic_save_image, atomic_write_json
 from .metrics import MeanIoU
 from .models import compile_report, create_backbone, dense_features
-from .models.compiling import check_compile_target
-from .models.teacher_config import check_feature_source
 from .output_names import relative_name, unique_names
 from .per_image import PerImageResults, check_recorded_settings, image_keys
 from .protocol import PROTOCOL
-from .refine import build_stages, check_stage_settings
+from .refine import build_refiner, build_upsampler
 from .results_table import collect_results, format_results_table
 from .segmentation import OpenVocabSegmenter
 from .timing import synchronize
-from .utils import PRECISIONS, autocast_dtype, autocast_for
+from .utils import autocast_dtype, autocast_for
 
 __all__ = [
+    "DatasetSettings",
+    "EvalSettings",
     "PerImageResults",
     "check_eval_settings",
     "collect_results",
@@ -216,18 +208,18 @@ def prediction_names(dataset: SegmentationBenchmark) -> list[str]:
 
 
 def evaluation_fingerprint(
-    config: dict[str, Any], dataset: SegmentationBenchmark, device: torch.device
+    settings: EvalSettings, dataset: SegmentationBenchmark, device: torch.device
 ) -> dict[str, Any]:
-    """What the scores of ``config`` on ``dataset`` depend on, before any model is built: the
-    scored settings, the resolved precision (and the teacher's dtype), the split's files and the
-    class-name file (:mod:`spar.eval_fingerprint`). ``run_evaluation`` adds the weights
-    (:func:`~spar.eval_fingerprint.model_fingerprint`) once the models are built."""
-    autocast = dtype_name(autocast_dtype(config.get("precision", "auto"), torch.device(device)))
-    fingerprint = {**evaluation_settings(config), "autocast": autocast}
-    if config["features"] == "teacher":
+    """What the scores of ``settings`` on ``dataset`` depend on, before any model is built: the
+    scored settings (of the recorded config), the resolved precision (and the teacher's dtype),
+    the split's files and the class-name file (:mod:`spar.eval_fingerprint`).
+    ``run_evaluation`` adds the weights (:func:`~spar.eval_fingerprint.model_fingerprint`) once
+    the models are built."""
+    autocast = dtype_name(autocast_dtype(settings.precision, torch.device(device)))
+    fingerprint = {**evaluation_settings(settings.record), "autocast": autocast}
+    if settings.features == "teacher":
         fingerprint["teacher.dtype"] = autocast  # build_teacher copies the weights to it
-    class_file = config["dataset"].get("class_names") or dataset.spec.class_file
-    return {**fingerprint, **data_fingerprint(dataset, str(class_file))}
+    return {**fingerprint, **data_fingerprint(dataset, settings.dataset.class_file)}
 
 
 def _segmenter_input_bounds(
@@ -247,11 +239,14 @@ def _segmenter_input_bounds(
 def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate as ``configs/eval.yaml`` describes; rank 0 writes ``eval_results.json``.
 
-    The config holds ``backbone`` (``create_backbone`` arguments), ``checkpoint``, ``features``
-    (``student``: one pass of the backbone | ``teacher``: the sliding-window teacher),
-    ``teacher`` (window, stride, batch_size), ``templates`` (a template-set name), ``dataset``
-    (name, root, split, class_names, bounds, logit_scale, logit_bias, prob_threshold,
-    area_threshold), ``save_predictions``, ``device``, ``precision``, ``num_workers``.
+    The config (a Hydra ``DictConfig`` or a plain dict) holds ``backbone`` (``create_backbone``
+    arguments), ``checkpoint``, ``features`` (``student``: one pass of the backbone |
+    ``teacher``: the sliding-window teacher), ``teacher`` (window, stride, batch_size),
+    ``templates`` (a template-set name), ``dataset`` (name, root, split, class_names, bounds,
+    logit_scale, logit_bias, prob_threshold, area_threshold), ``save_predictions``, ``device``,
+    ``precision``, ``num_workers``. It is checked once, here
+    (:meth:`~spar.eval_settings.EvalSettings.from_config`), and passed down as an
+    :class:`~spar.eval_settings.EvalSettings`.
 
     Each image's scores go to ``out_dir/per_image.jsonl`` as it is scored, under the run's
     fingerprint (:func:`evaluation_fingerprint` plus the weights); a re-run into ``out_dir``
@@ -260,42 +255,41 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     before any model is built, the weights before any image is scored. ``eval_results.json``
     records the fingerprint.
     """
-    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    check_renamed(config, RENAMED_SETTINGS["eval"], "run_evaluation")
-    check_feature_source(config["features"])
-    check_stage_settings(config.get("refine"), config.get("upsample"))
-    check_eval_settings(config)
-    set_max_image_pixels(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
-    context = init_distributed(config.get("device", "auto"))
-    data_cfg = config["dataset"]
-    dataset = SegmentationBenchmark(data_cfg["name"], data_cfg["root"], data_cfg.get("split"))
+    return _evaluate(EvalSettings.from_config(cfg, "run_evaluation"), Path(out_dir))
+
+
+def _evaluate(settings: EvalSettings, out_dir: Path) -> dict[str, Any]:
+    """:func:`run_evaluation` of checked ``settings``."""
+    set_max_image_pixels(settings.max_image_pixels)
+    context = init_distributed(settings.device)
+    data = settings.dataset
+    dataset = SegmentationBenchmark(data.name, data.root, data.split)
     check_split(dataset)  # the whole split's layout, before any model is built
     image_keys([sample.image for sample in dataset.samples], dataset.root)
-    if config.get("save_predictions"):
+    if settings.save_predictions:
         prediction_names(dataset)
-    out_dir = Path(out_dir)
-    precision = config.get("precision", "auto")
-    fingerprint = evaluation_fingerprint(config, dataset, context.device)
+    fingerprint = evaluation_fingerprint(settings, dataset, context.device)
     check_recorded_settings(out_dir, fingerprint, KEYS_KNOWN_LATER)  # before any model
-    classes = dataset_classes(data_cfg)
+    classes = dataset_classes(data)
     backbone = create_backbone(
-        **config["backbone"],
-        checkpoint=config.get("checkpoint"),
-        compile=check_compile_target(config.get("compile", False), config["features"]),
+        **settings.backbone, checkpoint=settings.checkpoint, compile=settings.compile
     )
     backbone = backbone.to(context.device)
-    stages = build_stages(config, context.device)
+    stages = {
+        "refiner": build_refiner(settings.refine, context.device),
+        "upsampler": build_upsampler(settings.upsample, context.device),
+    }
     fingerprint.update(model_fingerprint(backbone, stages))
     per_image = PerImageResults(out_dir, fingerprint, context)  # before the text is encoded
     segmenter = OpenVocabSegmenter.from_backbone(
         backbone,
         classes,
-        dense=dense_features(backbone, config["features"], config.get("teacher"), precision),
-        templates=config.get("templates", PROTOCOL.templates),
-        logit_scale=data_cfg["logit_scale"],
-        logit_bias=data_cfg.get("logit_bias", PROTOCOL.logit_bias),
-        prob_threshold=data_cfg.get("prob_threshold"),
-        area_threshold=data_cfg.get("area_threshold"),
+        dense=dense_features(backbone, settings.features, settings.teacher, settings.precision),
+        templates=settings.templates,
+        logit_scale=data.logit_scale,
+        logit_bias=data.logit_bias,
+        prob_threshold=data.prob_threshold,
+        area_threshold=data.area_threshold,
         **stages,
     )
     results = evaluate_benchmark(
@@ -303,78 +297,20 @@ def run_evaluation(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         dataset,
         backbone.mean,
         backbone.std,
-        bounds=tuple(data_cfg["bounds"]),
+        bounds=data.bounds,
         device=context.device,
-        autocast=autocast_for(precision, context.device),
+        autocast=autocast_for(settings.precision, context.device),
         class_names=display_names(classes),
-        predictions_dir=out_dir / "predictions" if config.get("save_predictions") else None,
+        predictions_dir=out_dir / "predictions" if settings.save_predictions else None,
         context=context,
-        num_workers=config.get("num_workers", 0),
-        show_progress=config.get("show_progress", True),
+        num_workers=settings.num_workers,
+        show_progress=settings.show_progress,
         per_image=per_image,
     )
-    results = {"dataset": dataset.spec.name, "features": config["features"], **results}
+    results = {"dataset": dataset.spec.name, "features": settings.features, **results}
     results["compile"] = compile_report(backbone)
-    results["config"] = config
+    results["config"] = settings.record
     results["fingerprint"] = per_image.fingerprint
     if context.is_main:
         atomic_write_json(out_dir / "eval_results.json", results)
     return results
-
-
-def check_eval_settings(config: dict[str, Any]) -> None:
-    """Check the values ``run_evaluation`` reads besides the model and the stages, before any
-    long work; errors (:class:`~spar.config.SettingError`) name the key and the value.
-
-    Among them the class names (:func:`dataset_classes`): ``dataset.name`` is a known
-    benchmark, and its class-name file (``dataset.class_names``, default the benchmark's own)
-    reads and holds one class per class of the benchmark, so that a wrong file fails before the
-    dataset is scanned, the backbone built and the names encoded."""
-    dataset_classes(config["dataset"])
-    if config.get("features") == "teacher":
-        from .models.teacher_config import check_teacher_settings
-
-        check_teacher_settings(config.get("teacher"), config["backbone"]["name"])
-    bounds = config["dataset"].get("bounds")
-    require(
-        isinstance(bounds, list | tuple)
-        and len(bounds) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds),
-        "dataset.bounds",
-        bounds,
-        "a [long, short] pair of positive integers",
-    )
-    precision = config.get("precision", "auto")
-    require(precision in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
-    require_int("num_workers", config.get("num_workers", 0), 0)
-    require_int("max_image_pixels", config.get("max_image_pixels"), 1, optional=True)
-    require_bool("save_predictions", config.get("save_predictions", False))
-
-
-def dataset_classes(data_cfg: dict[str, Any]) -> list[list[str]]:
-    """The synonym lists of the classes of ``data_cfg`` (the ``dataset`` config): its
-    ``class_names`` file, or the benchmark's own file when that is null.
-
-    Raises :class:`~spar.config.SettingError` for an unknown ``name``, or a file whose number of
-    classes differs from the benchmark's, naming the file and both counts;
-    :class:`~spar.class_names.ClassNameError` for a file that cannot be used (empty, not UTF-8,
-    a name given twice).
-    """
-    name = data_cfg.get("name")
-    require(name in BENCHMARKS, "dataset.name", name, f"one of {sorted(BENCHMARKS)}")
-    spec = BENCHMARKS[name]
-    given = data_cfg.get("class_names")
-    require(
-        given is None or isinstance(given, str | Path),
-        "dataset.class_names",
-        given,
-        "the path of a class-name file (one class per line) or null",
-    )
-    path = given or spec.class_file
-    classes = load_class_names(path)
-    if len(classes) != spec.num_classes:
-        raise SettingError(
-            f"dataset.class_names: {path} holds {len(classes)} classes, but {name} has "
-            f"{spec.num_classes} (one class per line, synonyms comma-separated on it)"
-        )
-    return classes
