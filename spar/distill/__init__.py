@@ -19,7 +19,7 @@ from .run import (
     run_distillation,
 )
 from .run_log import RunLog
-from .settings import OptimSettings, TrainerSettings
+from .settings import DistillationSettings, OptimSettings, TrainerSettings, training_settings
 from .targets import TargetKey, TeacherTargets, teacher_map
 from .trainer import Distiller
 
@@ -27,6 +27,7 @@ __all__ = [
     "AugmentationPlan",
     "AugmentationRecipe",
     "CheckpointHook",
+    "DistillationSettings",
     "DistillationSetup",
     "DistillationViews",
     "Distiller",
@@ -66,6 +67,7 @@ __all__ = [
     "split_images",
     "teacher_identity",
     "teacher_map",
+    "training_settings",
     "weights_digest",
 ]
 

@@ -218,6 +218,10 @@ def _path(value: Any, expand: bool = True) -> Path | None:
     return Path(value).expanduser() if expand else Path(value)
 
 
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # a [h, w] pair from a config
+
+
 def _checked_parts(config: dict[str, Any]) -> dict[str, Any]:
     """The checks of :func:`check_training_config`, in order; the typed parts but
     ``resume_allow``."""
@@ -261,7 +265,7 @@ def _checked_parts(config: dict[str, Any]) -> dict[str, Any]:
             backbone["name"], MappingProxyType({k: v for k, v in backbone.items() if k != "name"})
         ),
         "teacher": TeacherRunSettings(
-            TeacherSettings(**{k: teacher[k] for k in TEACHER_SETTINGS if k in teacher}),
+            TeacherSettings(**{k: _frozen(teacher[k]) for k in TEACHER_SETTINGS if k in teacher}),
             cache=cached,
             cache_dir=Path(teacher["cache_dir"]) if cached else None,
         ),
