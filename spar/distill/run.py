@@ -131,7 +131,7 @@ def _shared_files(heldout: list[Path], train: list[Path]) -> list[Path]:
 
 def prepare(cfg: DictConfig | dict, context: DistributedContext | None = None) -> DistillationSetup:
     """Build student, frozen teacher and its targets, split and views from a ``train.yaml``
-    config. Every setting is checked here (``check_training_config``: old spellings, bad
+    config. Every setting is checked here, once (``training_settings``: old spellings, bad
     values, a ``resume`` path that cannot be resumed), before any long work: the split (a
     ``heldout.root`` overlapping the training images is refused) and a writable
     ``teacher.cache_dir`` before any model is built, and, with ``resume``, the fingerprint the

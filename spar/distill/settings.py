@@ -5,10 +5,12 @@ check of a whole training config that runs before any long work.
 ``optim`` and ``trainer`` in ``configs/train.yaml`` (registered by :mod:`spar.configs` as
 ``schema/optim`` and ``schema/trainer``): the YAML writes only values that differ from these
 defaults. Types are loose where several forms are accepted (``betas``, ``grad_clip``), so that
-the checks here give the errors. :func:`check_training_config` checks every value a run
+the checks here give the errors. :func:`training_settings` checks every value a run
 reads (``trainer``, ``optim``, ``teacher``, ``train_images``, ``heldout``, ``resume``,
-``max_image_pixels``) and names the key and the value of the first bad one, so a typo fails in
-seconds instead of after the teacher-cache fill.
+``resume_allow``, ``max_image_pixels``, ``device``, ``compile``) and names the key and the value
+of the first bad one, so a typo fails in seconds instead of after the teacher-cache fill; it
+returns them as one typed, frozen :class:`DistillationSettings`, built once where a run enters
+the library (``spar.distill.run.prepare``) and passed down in parts.
 """
 
 from __future__ import annotations
