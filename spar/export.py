@@ -36,7 +36,7 @@ from torch import nn
 
 from .class_names import parse_classes
 from .config import SettingError
-from .io import atomic_path
+from .io import atomic_path, probe_writable
 from .models.base import DenseBackbone, check_images
 from .protocol import PROTOCOL
 from .text_classifier import Template, build_text_classifier
@@ -97,7 +97,12 @@ def check_destination(path: str | Path, suffix: str) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise ExportError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    try:
+        probe_writable(folder)
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        raise ExportError(f"cannot write {path}: {reason}") from None
+    if path.exists() and not os.access(path, os.W_OK):
         raise ExportError(f"cannot write {path}: permission denied")
     return path
 

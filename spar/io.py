@@ -117,6 +117,15 @@ def remove_orphan_temporaries(folder: str | Path, started: float | None = None) 
     return removed
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Create and remove a probe file in the existing ``folder``; raises the ``OSError`` when a
+    file cannot be made there. A real write, not a mode check: root ignores modes, but not a
+    read-only mount or a path under a file."""
+    handle, probe = tempfile.mkstemp(prefix=".spar-write-probe-", dir=folder)
+    os.close(handle)
+    os.unlink(probe)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with atomic_path(path) as temporary, temporary.open("wb") as file:

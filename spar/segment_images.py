@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +39,8 @@ from .class_names import display_names, parse_classes
 from .config import SettingError
 from .data.images import image_size, list_images, load_image, prepare_images
 from .evaluation import prediction_to_png
-from .io import atomic_save_image, atomic_write_json
+from .io import atomic_save_image, atomic_write_json, probe_writable
+from .output_names import relative_name
 from .protocol import PROTOCOL
 from .provenance import (
     ProvenanceError,
@@ -97,8 +97,7 @@ class SegmentSummary:
 def output_paths(image: Path, root: Path, out_dir: Path) -> dict[str, Path]:
     """``{"classes", "overlay", "info"}`` -> the outputs of ``image`` (a file under ``root``):
     ``out_dir/<relative path>.classes.png`` and so on, the file name kept whole."""
-    relative = image.relative_to(root) if image != root else Path(image.name)
-    name = relative.as_posix()
+    name = relative_name(image, root)
     return {key: out_dir / f"{name}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
 
 
@@ -112,8 +111,7 @@ def check_output_folder(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
+        probe_writable(out_dir)
     except OSError as error:
         reason = error.strerror or str(error)
         raise OutputFolderError(f"output folder {out_dir} cannot be written: {reason}") from None
@@ -414,7 +412,7 @@ def _segment_batch(
         atomic_save_image(paths["overlay"], overlay(pixels, mask, names))
         shared = (forward_start - started) / len(loaded) + forward
         info = {
-            "image": image.relative_to(root).as_posix() if image != root else image.name,
+            "image": relative_name(image, root),
             "source": _source_key(image, root),
             "classes": names,
             "shares": class_shares(mask.numpy(), names),

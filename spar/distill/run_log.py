@@ -4,7 +4,6 @@ the claim on a run folder that makes its one process the only writer."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from ..io import (
     append_json_line,
     atomic_write_bytes,
     complete_lines,
+    probe_writable,
     remove_orphan_temporaries,
 )
 
@@ -43,13 +43,11 @@ def require_writable_folder(path: str | Path, what: str) -> None:
     if not existing.is_dir():
         raise SettingError(f"{what} {path} cannot be a folder: {existing} is not a folder")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".spar-write-probe-", dir=existing)
+        probe_writable(existing)
     except OSError as error:
         raise SettingError(
             f"{what} {path} is not writable ({error.strerror or error} in {existing})"
         ) from None
-    os.close(handle)
-    os.unlink(probe)
 
 
 class RunFolder:
